@@ -1,0 +1,1 @@
+"""Building and running Prefect flows from pipeline specs; the `gsr` command."""

@@ -1,1 +1,9 @@
-"""Prefect tasks: one thin task per node type, each calling gsr_core."""
+"""Prefect tasks: one thin task per node type, each calling gsr_core.
+
+Importing this package registers every node type in ``REGISTRY`` (name -> ``tasks.base.NodeType``).
+"""
+
+from tasks import evaluate, load_views, resample, synthetic_scene  # noqa: F401  (registration)
+from tasks.base import REGISTRY
+
+__all__ = ["REGISTRY"]

@@ -1,0 +1,143 @@
+"""Running a pipeline spec as one Prefect flow: one task run per node, references between them.
+
+Every node task is submitted at once, with its upstream nodes' futures as inputs, so independent branches run
+concurrently (Prefect's thread pool task runner). Each finished node is reported as ``cached`` (Prefect's cache
+or the store already had its output) or ``ran`` with its wall time; a failed node stops only its dependents.
+
+Each run gets a folder ``<store>/runs/<UTC stamp>-<name>/`` with the resolved spec (``spec.yaml``, overrides
+applied), ``summary.json`` and ``nodes/<node>`` links to every node's output folder.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import yaml
+from prefect import flow
+from prefect.futures import PrefectFuture, as_completed
+
+from flows.spec import Pipeline, validate
+from gsr_core.store import NODE_FILE, Store
+
+
+@dataclass
+class NodeReport:
+    node: str
+    task: str
+    status: str  # "cached", "ran", "failed", "skipped"
+    seconds: float
+    key: str | None = None
+    path: str | None = None
+    error: str | None = None
+    computed_seconds: float | None = None  # for cached nodes: how long the node took when it was computed
+
+
+class PipelineFailed(RuntimeError):
+    """Some nodes failed; the message names each with its error. Finished nodes stay cached."""
+
+
+def _task_inputs(planned, futures: dict[str, PrefectFuture]) -> dict[str, Any]:
+    return {port: [futures[name] for name in value] if isinstance(value, list) else futures[value]
+            for port, value in planned.inputs.items()}
+
+
+def _start_run_folder(store: Store, pipeline: Pipeline) -> Path:
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
+    folder = store.root / "runs" / f"{stamp}-{pipeline.name}"
+    folder.mkdir(parents=True)
+    (folder / "spec.yaml").write_text(yaml.safe_dump(pipeline.spec, sort_keys=False))
+    return folder
+
+
+def _finish_run_folder(folder: Path, store: Store, reports: list[NodeReport]) -> None:
+    links = folder / "nodes"
+    links.mkdir(exist_ok=True)
+    for report in reports:
+        if report.path:
+            (links / report.node).symlink_to(Path("..") / ".." / ".." / report.path)
+    (folder / "summary.json").write_text(json.dumps([asdict(r) for r in reports], indent=1))
+
+
+def _report(planned, future: PrefectFuture, store: Store, started: float) -> NodeReport:
+    outcome = future.result(raise_on_failure=False)  # waits for the final state
+    state = future.state
+    if state.is_completed():
+        ref = outcome["ref"]
+        if state.name == "Cached" or not outcome["computed"]:
+            node_file = store.root / ref["path"] / NODE_FILE
+            computed = json.loads(node_file.read_text()).get("seconds") if node_file.is_file() else None
+            return NodeReport(planned.name, planned.node_type.name, "cached", 0.0, ref["key"], ref["path"],
+                              computed_seconds=computed)
+        return NodeReport(planned.name, planned.node_type.name, "ran", outcome["seconds"], ref["key"], ref["path"])
+    if isinstance(outcome, BaseException) and "upstream" not in str(outcome).lower():
+        return NodeReport(planned.name, planned.node_type.name, "failed", time.perf_counter() - started,
+                          error=f"{type(outcome).__name__}: {outcome}")
+    return NodeReport(planned.name, planned.node_type.name, "skipped", 0.0, error="an upstream node failed")
+
+
+def _print_line(report: NodeReport, width: int) -> None:
+    seconds = f"{report.seconds:8.1f} s"
+    detail = report.path or report.error or ""
+    if report.computed_seconds is not None:
+        detail += f"  (computed in {report.computed_seconds:.1f} s)"
+    print(f"  {report.node.ljust(width)}  {report.task:<16} {report.status:<8}{seconds}  {detail}", flush=True)
+
+
+@flow(name="gsr-pipeline", flow_run_name="{spec[name]}", validate_parameters=False)
+def run_pipeline(spec: dict[str, Any], store: str, force: list[str] | None = None) -> list[dict[str, Any]]:
+    """Run a pipeline spec (already loaded, overrides applied) against the store at ``store``.
+
+    Args:
+        spec: the spec as a dict (it is validated again here, so a deployment gets the same checks).
+        store: store root folder.
+        force: node names to recompute even when cached (their dependents rerun only if the output changes).
+
+    Returns:
+        One report dict per node (node, task, status, seconds, key, path, error).
+
+    Raises:
+        PipelineFailed naming every failed node; everything that finished stays in the store.
+    """
+    pipeline = validate(spec, source=f"pipeline {spec.get('name')!r}")
+    forced = set(force or [])
+    unknown = forced - {planned.name for planned in pipeline.nodes}
+    if unknown:
+        raise ValueError(f"--force names unknown node(s) {sorted(unknown)}; nodes: {[n.name for n in pipeline.nodes]}")
+    the_store = Store(store)
+    run_folder = _start_run_folder(the_store, pipeline)
+    records = the_store.root / "records"  # Prefect's result records live in the store, one file per cache key
+    width = max(len(planned.name) for planned in pipeline.nodes)
+    print(f"gsr run {pipeline.name}: {len(pipeline.nodes)} nodes, store {the_store.root}", flush=True)
+    started = time.perf_counter()
+    futures: dict[str, PrefectFuture] = {}
+    planned_by_future: dict[str, Any] = {}
+    for planned in pipeline.nodes:
+        task = planned.node_type.task.with_options(result_storage=records, refresh_cache=planned.name in forced)
+        request = {"node": planned.name, "type": planned.node_type.name, "params": planned.params,
+                   "inputs": _task_inputs(planned, futures), "store": str(the_store.root),
+                   "force": planned.name in forced}
+        futures[planned.name] = task.submit(request=request)
+        planned_by_future[futures[planned.name].task_run_id] = planned
+    reports: dict[str, NodeReport] = {}
+    for future in as_completed(list(futures.values())):
+        planned = planned_by_future[future.task_run_id]
+        reports[planned.name] = _report(planned, future, the_store, started)
+        _print_line(reports[planned.name], width)
+    ordered = [reports[planned.name] for planned in pipeline.nodes]
+    _finish_run_folder(run_folder, the_store, ordered)
+    for planned, report in zip(pipeline.nodes, ordered):
+        if report.status in ("cached", "ran") and planned.node_type.summary:
+            print(f"\n{planned.name} ({planned.node_type.name}):\n{planned.node_type.summary(the_store.root / report.path)}")
+    print(f"\nrun folder: {run_folder}", flush=True)
+    failed = [r for r in ordered if r.status == "failed"]
+    if failed:
+        message = "; ".join(f"node {r.node!r} ({r.task}) failed: {r.error}" for r in failed)
+        print(f"\n{message}", file=sys.stderr, flush=True)
+        raise PipelineFailed(message)
+    return [asdict(r) for r in ordered]

@@ -20,6 +20,7 @@ from typing import Any
 
 import yaml
 from prefect import flow
+from prefect.exceptions import UnfinishedRun
 from prefect.futures import PrefectFuture, as_completed
 
 from flows.spec import Pipeline, validate
@@ -65,7 +66,10 @@ def _finish_run_folder(folder: Path, store: Store, reports: list[NodeReport]) ->
 
 
 def _report(planned, future: PrefectFuture, store: Store, started: float) -> NodeReport:
-    outcome = future.result(raise_on_failure=False)  # waits for the final state
+    try:
+        outcome = future.result(raise_on_failure=False)  # waits for the final state
+    except UnfinishedRun:  # Prefect leaves a node whose upstream failed pending
+        return NodeReport(planned.name, planned.node_type.name, "skipped", 0.0, error="an upstream node failed")
     state = future.state
     if state.is_completed():
         ref = outcome["ref"]
@@ -75,10 +79,8 @@ def _report(planned, future: PrefectFuture, store: Store, started: float) -> Nod
             return NodeReport(planned.name, planned.node_type.name, "cached", 0.0, ref["key"], ref["path"],
                               computed_seconds=computed)
         return NodeReport(planned.name, planned.node_type.name, "ran", outcome["seconds"], ref["key"], ref["path"])
-    if isinstance(outcome, BaseException) and "upstream" not in str(outcome).lower():
-        return NodeReport(planned.name, planned.node_type.name, "failed", time.perf_counter() - started,
-                          error=f"{type(outcome).__name__}: {outcome}")
-    return NodeReport(planned.name, planned.node_type.name, "skipped", 0.0, error="an upstream node failed")
+    return NodeReport(planned.name, planned.node_type.name, "failed", time.perf_counter() - started,
+                      error=f"{type(outcome).__name__}: {outcome}")
 
 
 def _print_line(report: NodeReport, width: int) -> None:

@@ -95,7 +95,8 @@ def read_spec(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise SpecError(f"{path}: spec file does not exist")
     try:
-        data = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+        with open(path) as handle:  # a file stream, so YAML's error marks name the file
+            data = yaml.load(handle, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
     except SpecError as error:
         raise SpecError(f"{path}: {error}") from None
     except yaml.YAMLError as error:

@@ -1,0 +1,95 @@
+"""Shared fixtures: small views folders, specs, a Prefect test harness, and running `gsr` in a new process."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+# Before anything imports Prefect: an isolated Prefect home, no telemetry, quiet console.
+os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="gsr-test-prefect-"))
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import yaml  # noqa: E402
+
+from gsr_core.cameras import Camera, intrinsics_from_fov, look_at  # noqa: E402
+from gsr_core.data.points import PointCloud  # noqa: E402
+from gsr_core.data.views import ViewsWriter  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+def orbit_camera(index: int, count: int, size: int, radius: float = 3.0) -> Camera:
+    angle = torch.tensor(2 * torch.pi * index / count, dtype=torch.float64)
+    eye = torch.stack([radius * torch.cos(angle), radius * torch.sin(angle), torch.tensor(1.0, dtype=torch.float64)])
+    return Camera(intrinsics_from_fov(size, size, 50.0), look_at(eye, torch.zeros(3), torch.tensor([0.0, 0.0, 1.0])),
+                  size, size)
+
+
+def write_views(folder: Path, count: int = 8, size: int = 32, seed: int = 0, test_every: int = 4) -> Path:
+    """A views folder of smooth random images (so downsampling and upsampling are meaningful)."""
+    generator = torch.Generator().manual_seed(seed)
+    writer = ViewsWriter(folder, metadata={"scene": "test"})
+    for index in range(count):
+        coarse = torch.rand(1, 3, max(2, size // 8), max(2, size // 8), generator=generator)
+        image = torch.nn.functional.interpolate(coarse, size=(size, size), mode="bilinear", align_corners=False)
+        split = "test" if index % test_every == 0 else "train"
+        writer.add(f"v{index:03d}", split, orbit_camera(index, count, size), image[0].permute(1, 2, 0))
+    writer.close(PointCloud(torch.rand(50, 3, generator=generator), torch.rand(50, 3, generator=generator)))
+    return folder
+
+
+@pytest.fixture
+def views_folder(tmp_path: Path) -> Path:
+    return write_views(tmp_path / "views")
+
+
+def chain_spec(views: Path, name: str = "chain", factor: int = 4) -> dict:
+    """load_views -> downsample -> upsample -> evaluate: the demo's shape over a folder of ours."""
+    return {
+        "name": name,
+        "nodes": {
+            "scene": {"task": "load_views", "params": {"path": str(views)}},
+            "lowres": {"task": "downsample", "inputs": {"views": "scene"}, "params": {"factor": factor}},
+            "bicubic": {"task": "upsample", "inputs": {"views": "lowres"}, "params": {"factor": factor}},
+            "report": {"task": "evaluate", "inputs": {"reference": "scene", "candidates": ["bicubic"]},
+                       "params": {"metrics": ["psnr", "ssim"]}},
+        },
+    }
+
+
+def write_spec(path: Path, spec: dict) -> Path:
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+@pytest.fixture(scope="session")
+def prefect_api():
+    """One temporary Prefect API (real server code, SQLite) for every in-process flow run of the session."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+def run_gsr(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: float = 300
+            ) -> subprocess.CompletedProcess:
+    """Run the `gsr` command in a new process (its own ephemeral Prefect API unless env says otherwise)."""
+    return subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=cwd or REPO, capture_output=True,
+                          text=True, timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def node_statuses(stdout: str) -> dict[str, str]:
+    """{node: status} from the per-node lines `gsr run` prints."""
+    statuses = {}
+    for line in stdout.splitlines():
+        words = line.split()
+        if len(words) >= 3 and line.startswith("  ") and words[2] in ("cached", "ran", "failed", "skipped"):
+            statuses[words[0]] = words[2]
+    return statuses

@@ -140,15 +140,11 @@ def write_report(evaluation: Evaluation, reference: Views, candidates: dict[str,
         for label in evaluation.values:
             mean = evaluation.mean(label)
             writer.writerow([label, "mean", *(_format(mean[m]) for m in columns)])
-    shown = evaluation.views[:max(1, comparison_views)]
-    rows = []
-    for name in shown:
-        truth = reference.load_rgb([reference.record(name)])[0]
-        rows.append(comparison_image(truth, {label: views.load_rgb([views.record(name)])[0]
-                                             for label, views in candidates.items()}))
-    width = max(row.shape[1] for row in rows)
-    padded = [torch.nn.functional.pad(row, (0, 0, 0, width - row.shape[1]), value=1.0) for row in rows]
-    write_image(out / "comparison.png", torch.cat(padded, dim=0))
+    shown = [reference.record(name) for name in evaluation.views[:comparison_views]]
+    picture = comparison_image(reference.load_rgb(shown),
+                               {label: views.load_rgb([views.record(r.name) for r in shown])
+                                for label, views in candidates.items()})
+    write_image(out / "comparison.png", picture)
 
 
 def format_table(report: dict) -> str:

@@ -1,0 +1,94 @@
+"""Render a set of Gaussians at any cameras, in batches of cameras so memory stays bounded."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from gsr_core.cameras import Camera
+from gsr_core.gaussians import Gaussians
+from gsr_core.render import rasterize
+
+DEFAULT_CAMERAS_PER_BATCH = 4
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``"auto"``: CUDA when available, else CPU; anything else as ``torch.device``."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(f"`device` must be 'auto' or a torch device such as 'cpu' or 'cuda:0', got {device!r}"
+                         ) from error  # fmt: skip
+
+
+def camera_tensors(
+    cameras: Sequence[Camera], device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The renderer's camera arguments: viewmats [C, 4, 4] and Ks [C, 3, 3] on ``device``."""
+    viewmats = torch.stack([camera.world_to_camera for camera in cameras]).to(device, dtype)
+    Ks = torch.stack([camera.K for camera in cameras]).to(device, dtype)
+    return viewmats, Ks
+
+
+def background_tensor(background: Sequence[float] | torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
+    """[3] float32 colour in [0, 1] from three numbers; ValueError otherwise."""
+    colour = torch.as_tensor(background, dtype=torch.float32).reshape(-1)
+    if colour.shape != (3,) or not bool(((colour >= 0) & (colour <= 1)).all()):
+        raise ValueError(f"`background` must be three numbers in [0, 1], got {background!r}")
+    return colour.to(device)
+
+
+@torch.no_grad()
+def render_views(
+    gaussians: Gaussians,
+    cameras: Sequence[Camera],
+    *,
+    background: Sequence[float] | torch.Tensor = (0.0, 0.0, 0.0),
+    backend: str = "auto",
+    device: str | torch.device = "auto",
+    sh_degree: int | None = None,
+    cameras_per_batch: int = DEFAULT_CAMERAS_PER_BATCH,
+) -> torch.Tensor:
+    """Images of ``gaussians`` seen from ``cameras``.
+
+    Args:
+        gaussians: N Gaussians (any device; moved to ``device``).
+        cameras: C cameras of one image size.
+        background: RGB colour behind the Gaussians.
+        backend: the rasterizer backend ("auto", "torch", "gsplat").
+        device: where to render ("auto": CUDA when available).
+        sh_degree: SH degree to evaluate (default: all of ``gaussians``'s).
+        cameras_per_batch: cameras rasterized together (bounds memory).
+
+    Returns:
+        [C, H, W, 3] float32 on the CPU, clamped to [0, 1].
+    """
+    if not cameras:
+        raise ValueError("`cameras` must hold at least one camera")
+    sizes = {(camera.width, camera.height) for camera in cameras}
+    if len(sizes) != 1:
+        raise ValueError(f"`cameras` must share one image size, got {sorted(sizes)}")
+    if isinstance(cameras_per_batch, bool) or not isinstance(cameras_per_batch, int) or cameras_per_batch < 1:
+        raise ValueError(f"`cameras_per_batch` must be a positive int, got {cameras_per_batch!r}")
+    degree = gaussians.sh_degree if sh_degree is None else sh_degree
+    if not 0 <= degree <= gaussians.sh_degree:
+        raise ValueError(f"`sh_degree` must be in [0, {gaussians.sh_degree}] for these Gaussians, got {sh_degree}")
+    device = resolve_device(device)
+    width, height = sizes.pop()
+    gaussians = gaussians.to(device)
+    colour = background_tensor(background, device).to(gaussians.means.dtype)
+    means, quats = gaussians.means, gaussians.quats
+    scales, opacities = torch.exp(gaussians.scales), torch.sigmoid(gaussians.opacities)
+    coefficients = gaussians.colors()
+    images = []
+    for start in range(0, len(cameras), cameras_per_batch):
+        viewmats, Ks = camera_tensors(cameras[start : start + cameras_per_batch], device, means.dtype)
+        rendered, _, _ = rasterize(
+            means, quats, scales, opacities, coefficients, viewmats, Ks, width, height,
+            sh_degree=degree, backgrounds=colour.expand(viewmats.shape[0], 3), backend=backend,
+        )  # fmt: skip
+        images.append(rendered.clamp(0.0, 1.0).cpu())
+    return torch.cat(images)

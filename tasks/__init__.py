@@ -3,7 +3,7 @@
 Importing this package registers every node type in ``REGISTRY`` (name -> ``tasks.base.NodeType``).
 """
 
-from tasks import evaluate, load_dataset, load_views, resample, synthetic_scene  # noqa: F401  (registration)
+from tasks import evaluate, gaussians, load_dataset, load_views, resample, synthetic_scene  # noqa: F401  (registration)
 from tasks.base import REGISTRY
 
 __all__ = ["REGISTRY"]

@@ -6,9 +6,14 @@ from pathlib import Path
 from typing import Any, Callable
 
 from gsr_core.data.views import Views
+from gsr_core.gaussians import Gaussians
+
+GAUSSIANS_FILE = "gaussians.ply"
 
 KINDS: dict[str, tuple[str, Callable[[Path], Any]]] = {
     "views": ("posed images + cameras (a views folder)", Views.read),
+    "gaussians": ("a 3DGS scene (gaussians.ply in the Inria layout, fit.json)",
+                  lambda folder: Gaussians.load_ply(folder / GAUSSIANS_FILE)),
     "metrics": ("an evaluation report (metrics.json, metrics.csv, comparison.png)", lambda folder: folder),
 }
 

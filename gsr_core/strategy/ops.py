@@ -165,11 +165,7 @@ def relocate(
     logit_opacities, log_scales = _split_targets(params, sources, binoms, min_opacity)
 
     def param_fn(name: str, value: torch.Tensor) -> torch.Tensor:
-        value = value.clone()
-        if name == "opacities":
-            value[sources] = logit_opacities
-        elif name == "scales":
-            value[sources] = log_scales
+        value = _with_split_targets(name, value, sources, logit_opacities, log_scales)
         value[dead_ids] = value[sources]
         return value
 
@@ -181,6 +177,17 @@ def relocate(
 
     replace_params(params, optimizers, param_fn, state_fn)
     return dead_ids.numel()
+
+
+def _with_split_targets(name: str, value: torch.Tensor, sources: torch.Tensor, logit_opacities: torch.Tensor,
+                        log_scales: torch.Tensor) -> torch.Tensor:
+    """A copy of parameter ``name`` [N, ...] whose ``sources`` rows carry the shared opacity/scale of Eq. 9."""
+    value = value.clone()
+    if name == "opacities":
+        value[sources] = logit_opacities
+    elif name == "scales":
+        value[sources] = log_scales
+    return value
 
 
 @torch.no_grad()
@@ -199,11 +206,7 @@ def sample_add(
     logit_opacities, log_scales = _split_targets(params, sources, binoms, min_opacity)
 
     def param_fn(name: str, value: torch.Tensor) -> torch.Tensor:
-        value = value.clone()
-        if name == "opacities":
-            value[sources] = logit_opacities
-        elif name == "scales":
-            value[sources] = log_scales
+        value = _with_split_targets(name, value, sources, logit_opacities, log_scales)
         return torch.cat([value, value[sources]])
 
     def state_fn(value: torch.Tensor) -> torch.Tensor:

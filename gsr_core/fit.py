@@ -469,15 +469,41 @@ def _initial_gaussians(views: Views, config: FitConfig, cameras: list[Camera], e
 
 
 def _scene_bounds(views: Views, cameras: list[Camera], extent: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """The cube ``center +- radius`` from the views' metadata when it has both, else gsplat's random-init
-    cube: 3 x the scene extent around the mean camera centre."""
+    """The cube random initialisation fills: ``center +- radius`` from the views' metadata when it has both;
+    else, when the optical axes converge (object-centric captures such as NeRF-synthetic), the cube around
+    ``looked_at_point`` whose half side is what the median camera sees there (distance x tan(half field of
+    view)); else gsplat's cube, 3 x the scene extent around the mean camera centre."""
     metadata = views.metadata
     if "center" in metadata and "radius" in metadata:
         centre, half = torch.tensor(metadata["center"], dtype=torch.float32), float(metadata["radius"])
-    else:
-        centre = torch.stack([camera.center for camera in cameras]).mean(dim=0).float()
-        half = 3.0 * extent
-    return centre - half, centre + half
+        return centre - half, centre + half
+    looked_at = looked_at_point(cameras)
+    if looked_at is not None:
+        distances = torch.stack([(camera.center - looked_at).norm() for camera in cameras])
+        half_fov_tan = torch.tensor([camera.width / (2 * camera.K[0, 0]) for camera in cameras], dtype=torch.float64)
+        half = float((distances * half_fov_tan).median())
+        return (looked_at - half).float(), (looked_at + half).float()
+    centre = torch.stack([camera.center for camera in cameras]).mean(dim=0).float()
+    return centre - 3.0 * extent, centre + 3.0 * extent
+
+
+def looked_at_point(cameras: Sequence[Camera], min_conditioning: float = 0.05) -> torch.Tensor | None:
+    """[3] float64 point nearest (least squares) to every camera's optical axis, or None when the axes are
+    close to parallel (forward-facing captures), i.e. when the smallest eigenvalue of sum(I - d d^T) is below
+    ``min_conditioning`` times the largest, or the point lies behind the median camera."""
+    eye = torch.eye(3, dtype=torch.float64)
+    system, target = torch.zeros(3, 3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64)
+    for camera in cameras:
+        axis = camera.world_to_camera[2, :3]  # the camera's +z (viewing direction) in world coordinates
+        projector = eye - torch.outer(axis, axis)
+        system += projector
+        target += projector @ camera.center
+    eigenvalues = torch.linalg.eigvalsh(system)
+    if eigenvalues[0] < min_conditioning * eigenvalues[-1]:
+        return None
+    point = torch.linalg.solve(system, target)
+    depths = torch.stack([camera.world_to_camera[2, :3] @ (point - camera.center) for camera in cameras])
+    return point if float(depths.median()) > 0 else None
 
 
 def _make_optimizers(params, config: FitConfig, extent: float) -> dict[str, torch.optim.Adam]:

@@ -28,7 +28,7 @@ class FitGaussiansParams(FitConfig):
 
 
 @node("fit_gaussians", inputs={"views": Port(("views",), description="train views to fit (test views are ignored)")},
-      output="gaussians", version=1)
+      output="gaussians", version=2)
 def fit_gaussians(params: FitGaussiansParams, inputs: dict, out: Path, ctx: NodeContext) -> None:
     """A 3D Gaussian Splatting scene fitted to the train views (gsplat's recipe; gaussians.ply, fit.json).
 

@@ -245,3 +245,21 @@ def test_render_views_checks_its_cameras(scene):
         render_views(gaussians, [cameras_of(scene, "train")[0], small], **FAST)
     with pytest.raises(ValueError, match="sh_degree"):
         render_views(gaussians, [small], sh_degree=2, **FAST)
+
+
+def test_random_init_fills_the_region_object_centric_cameras_look_at():
+    """Cameras orbiting a point: random Gaussians go around that point (NeRF-synthetic needs this: gsplat's
+    3 x extent cube around the cameras would put almost none of them on the object)."""
+    from gsr_core.cameras import Camera, intrinsics_from_fov, look_at
+    from gsr_core.fit import looked_at_point
+
+    target = torch.tensor([0.5, -0.2, 0.3], dtype=torch.float64)
+    cameras = []
+    for index in range(12):
+        angle = torch.tensor(2 * torch.pi * index / 12, dtype=torch.float64)
+        eye = target + torch.stack([4 * torch.cos(angle), 4 * torch.sin(angle), 1.0 + 0.3 * torch.sin(3 * angle)])
+        cameras.append(Camera(intrinsics_from_fov(64, 64, 40.0), look_at(eye, target, torch.tensor([0, 0, 1.0])), 64, 64))
+    assert torch.allclose(looked_at_point(cameras), target, atol=1e-9)
+    forward = [Camera(intrinsics_from_fov(64, 64, 40.0), look_at(torch.tensor([x, 0.0, 0.0]), torch.tensor([x, 5.0, 0.0]),
+                                                                  torch.tensor([0, 0, 1.0])), 64, 64) for x in (0.0, 0.3, 0.6)]
+    assert looked_at_point(forward) is None  # parallel axes: no such point, the caller falls back to gsplat's cube

@@ -101,11 +101,11 @@ def evaluate_views(reference: Views, candidates: dict[str, Views], metrics: list
         except LPIPSUnavailable as error:
             result.lpips_available, result.lpips_reason = False, str(error)
     matched = {label: _matched_candidate(reference, views, label, names) for label, views in candidates.items()}
-    for label, views in candidates.items():
-        result.values[label] = {}
-        for ref_record, cand_record in zip(records, matched[label]):
-            truth = reference.load_rgb([ref_record])
-            guess = views.load_rgb([cand_record])
+    result.values = {label: {} for label in candidates}
+    for index, ref_record in enumerate(records):
+        truth = reference.load_rgb([ref_record])  # decoded once, scored against every candidate
+        for label, views in candidates.items():
+            guess = views.load_rgb([matched[label][index]])
             row: dict[str, float] = {}
             with torch.no_grad():
                 if "psnr" in metrics:

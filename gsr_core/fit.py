@@ -51,7 +51,8 @@ from gsr_core.data.views import Views
 from gsr_core.gaussians import PARAM_NAMES, Gaussians
 from gsr_core.metrics import psnr, ssim
 from gsr_core.render import rasterize
-from gsr_core.render_views import background_tensor, camera_tensors, render_views, resolve_device
+from gsr_core.arguments import resolve_device
+from gsr_core.render_views import background_tensor, camera_tensors, render_views
 from gsr_core.strategy import DefaultStrategy, MCMCStrategy
 
 REFERENCE_ITERATIONS = 30_000  # the run length gsplat's default schedule is written for

@@ -23,7 +23,6 @@ layer's linear head, average over space; sum over the layers.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 from collections.abc import Mapping
 from pathlib import Path
@@ -34,6 +33,7 @@ from torch import nn
 
 from gsr_core.images import to_model_range
 from gsr_core.metrics import check_image_pair
+from gsr_core.store import sha256_file
 
 ALEXNET_FILENAME = "alexnet-owt-7be5be79.pth"
 ALEXNET_URL = f"https://download.pytorch.org/models/{ALEXNET_FILENAME}"
@@ -303,7 +303,7 @@ def _build(path: Path) -> LPIPS:
     except LPIPSUnavailable as error:
         message = f"the LPIPS heads file {heads_file} is unusable: {error}; reinstall torchmetrics"
         raise LPIPSUnavailable(message) from error
-    return LPIPS(backbone, heads, f"alexnet-sha256:{_sha256(path)};heads-sha256:{_sha256(heads_file)}")
+    return LPIPS(backbone, heads, f"alexnet-sha256:{sha256_file(path)};heads-sha256:{sha256_file(heads_file)}")
 
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -330,11 +330,3 @@ def _load_strict(module: ModuleT, state: Mapping[str, torch.Tensor], what: str) 
 def _key_summary(state: Mapping[str, torch.Tensor], limit: int = 6) -> str:
     keys = list(state)
     return ", ".join(keys[:limit]) + (f", ... ({len(keys)} in all)" if len(keys) > limit else "") if keys else "none"
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

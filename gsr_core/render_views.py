@@ -6,22 +6,12 @@ from typing import Sequence
 
 import torch
 
+from gsr_core.arguments import resolve_device
 from gsr_core.cameras import Camera
 from gsr_core.gaussians import Gaussians
 from gsr_core.render import rasterize
 
 DEFAULT_CAMERAS_PER_BATCH = 4
-
-
-def resolve_device(device: str | torch.device) -> torch.device:
-    """``"auto"``: CUDA when available, else CPU; anything else as ``torch.device``."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        return torch.device(device)
-    except (RuntimeError, TypeError) as error:
-        raise ValueError(f"`device` must be 'auto' or a torch device such as 'cpu' or 'cuda:0', got {device!r}"
-                         ) from error  # fmt: skip
 
 
 def camera_tensors(

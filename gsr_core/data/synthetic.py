@@ -26,6 +26,7 @@ from typing import Callable, Union
 
 import torch
 
+from gsr_core.arguments import check_int, resolve_device
 from gsr_core.cameras import Camera, intrinsics_from_fov, look_at
 from gsr_core.data.points import PointCloud
 from gsr_core.data.textures import Texture, make_texture
@@ -467,19 +468,6 @@ def _pixel_grid(camera: Camera, top: int, rows: int, supersample: int, device: t
     return torch.stack([x.reshape(-1), y.reshape(-1)])
 
 
-def _resolve_device(device: str | torch.device) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def _check_int(name: str, value: object, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"`{name}` must be an int, got {type(value).__name__} {value!r}")
-    if value < minimum:
-        raise ValueError(f"`{name}` must be >= {minimum}, got {value}")
-
-
 def render(
     scene: Scene,
     camera: Camera,
@@ -500,9 +488,9 @@ def render(
     Returns:
         [H, W, 3] float32 in [0, 1] on ``device``.
     """
-    _check_int("supersample", supersample, 1)
-    _check_int("chunk_rays", chunk_rays, 1)
-    device = _resolve_device(device)
+    check_int("supersample", supersample, 1)
+    check_int("chunk_rays", chunk_rays, 1)
+    device = resolve_device(device)
     scene = scene.to(device)
     packed = _Packed(scene, device)
     samples_per_row = camera.width * supersample * supersample
@@ -518,7 +506,7 @@ def render(
 
 def render_depth(scene: Scene, camera: Camera, *, device: str | torch.device = "cpu") -> torch.Tensor:
     """[H, W] float32 camera-space depth (z) of the first surface at each pixel centre; inf where nothing is hit."""
-    device = _resolve_device(device)
+    device = resolve_device(device)
     packed = _Packed(scene, device)
     rows_per_chunk = max(1, _CHUNK_RAYS // camera.width)
     forward = camera.world_to_camera[2, :3].to(device, torch.float32)
@@ -562,9 +550,9 @@ def orbit_cameras(
     Returns:
         ``views`` cameras in azimuth order.
     """
-    _check_int("views", views, 1)
-    _check_int("resolution", resolution, 1)
-    _check_int("seed", seed, 0)
+    check_int("views", views, 1)
+    check_int("resolution", resolution, 1)
+    check_int("seed", seed, 0)
     center = _vector(center, 3, "center").double()
     if not (math.isfinite(distance) and distance > 0):
         raise ValueError(f"`distance` must be positive, got {distance!r}")
@@ -600,11 +588,11 @@ def sample_surface_points(
     Returns:
         ``PointCloud`` with P = ``num_points`` points (fewer only if the cameras see almost nothing).
     """
-    _check_int("num_points", num_points, 1)
-    _check_int("seed", seed, 0)
+    check_int("num_points", num_points, 1)
+    check_int("seed", seed, 0)
     if not cameras:
         raise ValueError("`cameras` must hold at least one camera")
-    device = _resolve_device(device)
+    device = resolve_device(device)
     scene = scene.to(device)
     packed = _Packed(scene, device)
     generator = _generator(seed, _STREAM_POINTS)
@@ -757,7 +745,7 @@ def _check_name(name: str) -> None:
 def build_scene(name: str, seed: int) -> Scene:
     """The named scene (one of ``SCENE_NAMES``), its layout jitter, textures and light fixed by ``seed``."""
     _check_name(name)
-    _check_int("seed", seed, 0)
+    check_int("seed", seed, 0)
     layout = _Layout(_generator(seed, _STREAM_SCENE))
     primitives = tuple(_SCENES[name](layout))
     azimuth, elevation = layout.uniform(0.0, 2 * math.pi), math.radians(layout.uniform(50.0, 65.0))
@@ -803,12 +791,12 @@ def write_synthetic_scene(
         ``out_dir`` as a Path.
     """
     _check_name(name)
-    _check_int("resolution", resolution, 8)
-    _check_int("views", views, 2)
-    _check_int("seed", seed, 0)
-    _check_int("test_every", test_every, 2)
-    _check_int("supersample", supersample, 1)
-    _check_int("num_points", num_points, 1)
+    check_int("resolution", resolution, 8)
+    check_int("views", views, 2)
+    check_int("seed", seed, 0)
+    check_int("test_every", test_every, 2)
+    check_int("supersample", supersample, 1)
+    check_int("num_points", num_points, 1)
     out_dir = Path(out_dir)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise ValueError(f"`out_dir` {out_dir} must not exist or be an empty folder")

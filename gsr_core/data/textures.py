@@ -28,6 +28,8 @@ from dataclasses import dataclass
 
 import torch
 
+from gsr_core.arguments import check_int
+
 TEXTURE_KINDS = ("checkers", "stripes", "tiles", "glyphs", "noise")
 
 _TABLE_SIZE = 61  # per-cell random values repeat every 61 cells (a prime, so no short visible period)
@@ -324,20 +326,13 @@ def _check_kind(kind: str) -> None:
         raise ValueError(f"`kind` must be one of {TEXTURE_KINDS}, got {kind!r}")
 
 
-def _check_int(name: str, value: object, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"`{name}` must be an int, got {type(value).__name__} {value!r}")
-    if value < minimum:
-        raise ValueError(f"`{name}` must be >= {minimum}, got {value}")
-
-
 def make_texture(kind: str, seed: int, *, device: str | torch.device = "cpu") -> Texture:
     """A texture of ``kind`` (one of ``TEXTURE_KINDS``) whose pattern and colours are fixed by ``seed``.
 
     The random draws happen on the CPU, so the texture is the same on every device.
     """
     _check_kind(kind)
-    _check_int("seed", seed, 0)
+    check_int("seed", seed, 0)
     generator = torch.Generator().manual_seed(seed)
     return _BUILDERS[kind](generator).to(device)
 
@@ -369,9 +364,9 @@ def texture_image(
         [H, W, 3] float32 in [0, 1] on ``device``.
     """
     _check_kind(kind)
-    _check_int("height", height, 1)
-    _check_int("width", width, 1)
-    _check_int("supersample", supersample, 1)
+    check_int("height", height, 1)
+    check_int("width", width, 1)
+    check_int("supersample", supersample, 1)
     if not (isinstance(cells, (int, float)) and math.isfinite(cells) and cells > 0):
         raise ValueError(f"`cells` must be a positive finite number, got {cells!r}")
     texture = make_texture(kind, seed, device=device)

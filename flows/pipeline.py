@@ -56,7 +56,7 @@ def _start_run_folder(store: Store, pipeline: Pipeline) -> Path:
     return folder
 
 
-def _finish_run_folder(folder: Path, store: Store, reports: list[NodeReport]) -> None:
+def _finish_run_folder(folder: Path, reports: list[NodeReport]) -> None:
     links = folder / "nodes"
     links.mkdir(exist_ok=True)
     for report in reports:
@@ -132,7 +132,7 @@ def run_pipeline(spec: dict[str, Any], store: str, force: list[str] | None = Non
         reports[planned.name] = _report(planned, future, the_store, started)
         _print_line(reports[planned.name], width)
     ordered = [reports[planned.name] for planned in pipeline.nodes]
-    _finish_run_folder(run_folder, the_store, ordered)
+    _finish_run_folder(run_folder, ordered)
     for planned, report in zip(pipeline.nodes, ordered):
         if report.status in ("cached", "ran") and planned.node_type.summary:
             print(f"\n{planned.name} ({planned.node_type.name}):\n{planned.node_type.summary(the_store.root / report.path)}")

@@ -56,8 +56,9 @@ def _listing(root: Path) -> list[Path]:
     return sorted(files, key=lambda p: p.relative_to(root).as_posix())
 
 
-def _digest_of(entries: dict[str, tuple[int, str]]) -> str:
-    return hashlib.sha256(canonical_json(sorted((name, sha) for name, (_, sha) in entries.items())).encode()).hexdigest()
+def _digest_of(shas: dict[str, str]) -> str:
+    """sha256 over the sorted (relative path, file sha256) pairs."""
+    return hashlib.sha256(canonical_json(sorted(shas.items())).encode()).hexdigest()
 
 
 _tree_memo: dict[tuple, str] = {}
@@ -75,7 +76,7 @@ def digest_tree(root: str | Path) -> str:
     stats = tuple((p.as_posix(), p.stat().st_size, p.stat().st_mtime_ns) for p in files)
     if stats not in _tree_memo:
         base = root.parent if root.is_file() else root
-        _tree_memo[stats] = _digest_of({p.relative_to(base).as_posix(): (0, sha256_file(p)) for p in files})
+        _tree_memo[stats] = _digest_of({p.relative_to(base).as_posix(): sha256_file(p) for p in files})
     return _tree_memo[stats]
 
 
@@ -173,7 +174,7 @@ class Store:
             (tmp / NODE_FILE).write_text(json.dumps(node_info, indent=1, default=str))
             files = {p.relative_to(tmp).as_posix(): (p.stat().st_size, sha256_file(p)) for p in _listing(tmp)}
             files[NODE_FILE] = ((tmp / NODE_FILE).stat().st_size, sha256_file(tmp / NODE_FILE))
-            content = {name: entry for name, entry in files.items() if name != NODE_FILE}
+            content = {name: sha for name, (_, sha) in files.items() if name != NODE_FILE}
             manifest = {"key": key, "digest": _digest_of(content), "files": files}
             (tmp / MARKER_FILE).write_text(json.dumps(manifest, indent=1))
             self._publish(tmp, self.object_dir(key))

@@ -46,12 +46,13 @@ from typing import Any, Callable, Literal, Sequence
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from gsr_core.arguments import resolve_device
 from gsr_core.cameras import Camera
 from gsr_core.data.views import Views
 from gsr_core.gaussians import PARAM_NAMES, Gaussians
+from gsr_core.images import composite_over
 from gsr_core.metrics import psnr, ssim
 from gsr_core.render import rasterize
-from gsr_core.arguments import resolve_device
 from gsr_core.render_views import background_tensor, camera_tensors, render_views
 from gsr_core.strategy import DefaultStrategy, MCMCStrategy
 
@@ -332,7 +333,7 @@ class _Loop:
             backgrounds = torch.rand(len(ids), 3, device=self.device)
         else:
             backgrounds = self.fixed_background.expand(len(ids), 3)
-        target = _composite(self.images[ids], backgrounds)
+        target = composite_over(self.images[ids], backgrounds[:, None, None, :])
         rendered, _, info = rasterize(
             params["means"], params["quats"], torch.exp(params["scales"]), torch.sigmoid(params["opacities"]),
             torch.cat([params["sh0"], params["shN"]], dim=1), self.viewmats[ids], self.Ks[ids], self.width, self.height,
@@ -378,7 +379,7 @@ class _Loop:
         gaussians = Gaussians.from_params(self.params)
         renders = render_views(gaussians, cameras, background=self.eval_background, backend=self.config.backend,
                                device=self.device)  # fmt: skip
-        targets = _composite(self.images, self.eval_background.expand(len(cameras), 3)).cpu()
+        targets = composite_over(self.images, self.eval_background).cpu()
         return float(psnr(renders, targets).mean())
 
     def _save_checkpoint(self) -> None:
@@ -436,12 +437,6 @@ def _rgba(image: torch.Tensor) -> torch.Tensor:
     if image.shape[-1] == 4:
         return image
     return torch.cat([image, torch.ones_like(image[..., :1])], dim=-1)
-
-
-def _composite(images: torch.Tensor, backgrounds: torch.Tensor) -> torch.Tensor:
-    """[C, H, W, 3] colours of [C, H, W, 4] straight-alpha images over [C, 3] backgrounds."""
-    alpha = images[..., 3:]
-    return images[..., :3] * alpha + backgrounds[:, None, None, :] * (1.0 - alpha)
 
 
 @lru_cache(maxsize=8)

@@ -59,6 +59,13 @@ def write_image(path: str | Path, image: torch.Tensor) -> None:
     Image.fromarray(array, "RGBA" if array.shape[-1] == 4 else "RGB").save(path, format="PNG")
 
 
+def composite_over(images: torch.Tensor, background: torch.Tensor) -> torch.Tensor:
+    """Straight-alpha images [..., H, W, 4] over ``background`` (broadcast against [..., H, W, 3], e.g. [3] or
+    [C, 1, 1, 3]): colour * alpha + background * (1 - alpha), [..., H, W, 3]."""
+    alpha = images[..., 3:]
+    return images[..., :3] * alpha + background * (1.0 - alpha)
+
+
 def to_channels_first(images: torch.Tensor) -> torch.Tensor:
     """[C, H, W, 3] -> [C, 3, H, W] (same range)."""
     return images.permute(0, 3, 1, 2)

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from gsr_core.cameras import Camera
 from gsr_core.data.points import PointCloud
 from gsr_core.data.views import Split, ViewsWriter
-from gsr_core.images import read_image
+from gsr_core.images import composite_over, read_image
 from gsr_core.store import canonical_json, digest_tree
 
 Format = Literal["colmap", "llff", "blender", "instant_ngp"]
@@ -339,7 +339,7 @@ def write_dataset_views(dataset: Dataset, out: str | Path, split: SplitPolicy = 
         had_alpha |= image.shape[-1] == 4
         if image.shape[-1] == 4:
             colour = torch.tensor(BACKGROUNDS[background], dtype=image.dtype)
-            image = image[..., :3] * image[..., 3:] + colour * (1.0 - image[..., 3:])
+            image = composite_over(image, colour)
         if (view.camera.width, view.camera.height) != (image.shape[1], image.shape[0]):
             image = _resize(image, view.camera.width, view.camera.height)
         writer.add(view.name, view.split, view.camera, image)

@@ -113,8 +113,8 @@ def ldm_sr_prior(size: str, device: torch.device, dtype: torch.dtype) -> SRPrior
 STABLESR = {
     "real": {},  # StableSRArchitecture's defaults are the released models'
     "tiny": dict(model_channels=32, channel_mult=(1, 2, 2, 2), num_head_channels=16, context_dim=32, semb_channels=64,
-                 encoder_channels=32, encoder_channel_mult=(1, 1, 2, 2), vae_channels=32, vae_channel_mult=(1, 1, 2, 2),
-                 text_heads=2, fuse_rrdb_blocks=1),
+                 encoder_channels=32, encoder_channel_mult=(1, 1, 2, 2), vae_channels=32,
+                 vae_channel_mult=(1, 1, 2, 2), text_heads=2, fuse_rrdb_blocks=1),
 }
 
 

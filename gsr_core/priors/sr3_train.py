@@ -12,7 +12,8 @@ is written as ``validation.csv`` and ``validation.png``.
 
 Checkpoints (``checkpoint_dir``): weights, EMA, Adam state, the data/noise generator state and the validation
 history every ``checkpoint_every`` steps and at the end, atomically; ``train_sr3`` resumes from the latest and a
-resumed run repeats the uninterrupted one on the CPU.
+resumed run repeats the uninterrupted one on the CPU. ``steps`` and the validation settings may differ on
+resume (``RESUMABLE``): lowering ``steps`` ends a run at a checkpoint, raising it trains on.
 """
 
 from __future__ import annotations
@@ -142,6 +143,17 @@ def sample_noise_levels(t: torch.Tensor, u: torch.Tensor, gammas: torch.Tensor) 
     return (gammas[t] + u * (upper[t] - gammas[t])).sqrt().float()
 
 
+# Settings that never touch the weights' trajectory (the learning rate is constant, validation draws its own
+# noise): a run may resume with other values, e.g. stop early by lowering `steps`, or train on by raising it.
+RESUMABLE = ("steps", "validate_every", "validate_images", "validate_resolution", "validate_steps",
+             "checkpoint_every", "sample_steps")
+
+
+def training_identity(config: SR3TrainConfig) -> dict:
+    """What a checkpoint must agree on to be resumed: the config minus ``RESUMABLE``."""
+    return {k: v for k, v in config.model_dump(mode="json").items() if k not in RESUMABLE}
+
+
 class _State:
     """The complete training state: network, EMA copy, Adam, generator, step, seconds, validation history."""
 
@@ -153,7 +165,7 @@ class _State:
         self.generator = torch.Generator().manual_seed(config.seed + 1)
         self.step, self.seconds = 0, 0.0
         self.validation: list[dict] = []
-        self.identity = config.model_dump(mode="json")
+        self.identity = training_identity(config)
 
     def update_ema(self) -> None:
         """EMA with the usual warm-up (decay min(d, (1 + step) / (10 + step))) so early weights fade quickly."""
@@ -169,8 +181,12 @@ class _State:
                 "identity": json.dumps(self.identity, sort_keys=True)}
 
     def load(self, saved: dict) -> None:
-        if saved["identity"] != json.dumps(self.identity, sort_keys=True):
-            raise ValueError("the SR3 checkpoint in the scratch folder was written for another configuration")
+        saved_identity = {k: v for k, v in json.loads(saved["identity"]).items() if k not in RESUMABLE}
+        if saved_identity != self.identity:
+            changed = sorted(k for k in set(saved_identity) | set(self.identity)
+                             if saved_identity.get(k) != self.identity.get(k))
+            raise ValueError(f"the SR3 checkpoint was written for another training configuration "
+                             f"(differs in {', '.join(changed)}); only {', '.join(RESUMABLE)} may change on resume")
         self.unet.load_state_dict(saved["unet"])
         self.ema.load_state_dict(saved["ema"])
         self.optimizer.load_state_dict(saved["optimizer"])

@@ -15,10 +15,14 @@ from tasks.base import NodeType, output_ref, request_key
 
 def cache_status(pipeline: Pipeline, store: Store) -> dict[str, tuple[str, str | None]]:
     """Per node: ("cached", key) when its output is in the store, ("not cached", key) when it would run,
-    or ("not cached", None) when its key cannot be known yet because an upstream node must run first."""
+    ("not cached", None) when its key cannot be known yet because an upstream node must run first, or
+    ("always runs", None) for a node type that is never cached (``cache=False``)."""
     status: dict[str, tuple[str, str | None]] = {}
     results: dict[str, dict[str, Any]] = {}
     for planned in pipeline.nodes:
+        if not planned.node_type.cache:
+            status[planned.name] = ("always runs", None)
+            continue
         if any(name not in results for name in planned.upstream()):
             status[planned.name] = ("not cached", None)
             continue
@@ -42,7 +46,8 @@ def format_graph(pipeline: Pipeline, store: Store) -> str:
         state, key = status[planned.name]
         feeds = ", ".join(f"{port}<-{'+'.join(value) if isinstance(value, list) else value}"
                           for port, value in planned.inputs.items())
-        where = f"objects/{key}" if state == "cached" else ("(waits for upstream)" if key is None else "")
+        waits = state == "not cached" and key is None
+        where = f"objects/{key}" if state == "cached" else ("(waits for upstream)" if waits else "")
         lines.append(f"  {planned.name.ljust(width)}  {planned.node_type.name:<16} {state:<11} "
                      f"{feeds or '-':<40} {where}".rstrip())
     return "\n".join(lines)

@@ -1,11 +1,13 @@
 """Running a pipeline spec as one Prefect flow: one task run per node, references between them.
 
 Every node task is submitted at once, with its upstream nodes' futures as inputs, so independent branches run
-concurrently (Prefect's thread pool task runner). Each finished node is reported as ``cached`` (Prefect's cache
-or the store already had its output) or ``ran`` with its wall time; a failed node stops only its dependents.
+concurrently (on the spec's runner: Prefect's thread pool, or a Dask cluster; ``flows.runners``). Each finished
+node is reported as ``cached`` (Prefect's cache or the store already had its output) or ``ran`` with its wall
+time; a failed node stops only its dependents.
 
 Each run gets a folder ``<store>/runs/<UTC stamp>-<name>/`` with the resolved spec (``spec.yaml``, overrides
-applied), ``summary.json`` and ``nodes/<node>`` links to every node's output folder.
+applied), ``summary.json``, ``nodes/<node>`` links to every node's output folder and the HTML report
+(``report.html``); the flow run gets Prefect artifacts with the metrics (``flows.artifacts``).
 """
 
 from __future__ import annotations
@@ -22,7 +24,10 @@ import yaml
 from prefect import flow
 from prefect.exceptions import UnfinishedRun
 from prefect.futures import PrefectFuture, as_completed
+from prefect.states import Failed
 
+from flows.artifacts import publish_artifacts, write_report
+from flows.runners import node_submitter
 from flows.spec import Pipeline, validate
 from gsr_core.store import NODE_FILE, Store
 
@@ -41,6 +46,19 @@ class NodeReport:
 
 class PipelineFailed(RuntimeError):
     """Some nodes failed; the message names each with its error. Finished nodes stay cached."""
+
+
+class PipelineAlert(RuntimeError):
+    """Every node finished, but some flagged a problem in their own output (e.g. ``record_history`` found a
+    metric regression); the message has one line per alert. Outputs stay cached; `gsr run` exits with 3."""
+
+
+def _alerts(pipeline: Pipeline, reports: list[NodeReport], store: Store) -> list[str]:
+    """What finished nodes flagged in their outputs (node types with an ``alerts`` hook), one line each."""
+    return [f"node {planned.name!r} ({planned.node_type.name}): {line}"
+            for planned, report in zip(pipeline.nodes, reports)
+            if report.status in ("cached", "ran") and planned.node_type.alerts
+            for line in planned.node_type.alerts(store.root / report.path)]
 
 
 def _task_inputs(planned, futures: dict[str, PrefectFuture]) -> dict[str, Any]:
@@ -105,6 +123,7 @@ def run_pipeline(spec: dict[str, Any], store: str, force: list[str] | None = Non
 
     Raises:
         PipelineFailed naming every failed node; everything that finished stays in the store.
+        PipelineAlert when every node finished but some flagged their output (e.g. a metric regression).
     """
     pipeline = validate(spec, source=f"pipeline {spec.get('name')!r}")
     forced = set(force or [])
@@ -119,27 +138,37 @@ def run_pipeline(spec: dict[str, Any], store: str, force: list[str] | None = Non
     started = time.perf_counter()
     futures: dict[str, PrefectFuture] = {}
     planned_by_future: dict[str, Any] = {}
-    for planned in pipeline.nodes:
-        task = planned.node_type.task.with_options(result_storage=records, refresh_cache=planned.name in forced)
-        request = {"node": planned.name, "type": planned.node_type.name, "params": planned.params,
-                   "inputs": _task_inputs(planned, futures), "store": str(the_store.root),
-                   "force": planned.name in forced}
-        futures[planned.name] = task.submit(request=request)
-        planned_by_future[futures[planned.name].task_run_id] = planned
     reports: dict[str, NodeReport] = {}
-    for future in as_completed(list(futures.values())):
-        planned = planned_by_future[future.task_run_id]
-        reports[planned.name] = _report(planned, future, the_store, started)
-        _print_line(reports[planned.name], width)
+    with node_submitter(pipeline.runner, pipeline.nodes) as submit:  # threads, or a Dask cluster for this block
+        for planned in pipeline.nodes:
+            task = planned.node_type.task.with_options(result_storage=records, refresh_cache=planned.name in forced)
+            request = {"node": planned.name, "type": planned.node_type.name, "params": planned.params,
+                       "inputs": _task_inputs(planned, futures), "store": str(the_store.root),
+                       "force": planned.name in forced}
+            futures[planned.name] = submit(planned, task, request)
+            planned_by_future[futures[planned.name].task_run_id] = planned
+        for future in as_completed(list(futures.values())):
+            planned = planned_by_future[future.task_run_id]
+            reports[planned.name] = _report(planned, future, the_store, started)
+            _print_line(reports[planned.name], width)
     ordered = [reports[planned.name] for planned in pipeline.nodes]
     _finish_run_folder(run_folder, ordered)
+    report_page = write_report(pipeline, run_folder)
+    publish_artifacts(pipeline, [asdict(r) for r in ordered], the_store.root, report_page)
     for planned, report in zip(pipeline.nodes, ordered):
         if report.status in ("cached", "ran") and planned.node_type.summary:
             print(f"\n{planned.name} ({planned.node_type.name}):\n{planned.node_type.summary(the_store.root / report.path)}")
-    print(f"\nrun folder: {run_folder}", flush=True)
+    print(f"\nrun folder: {run_folder}\nreport: {report_page}", flush=True)
     failed = [r for r in ordered if r.status == "failed"]
     if failed:
         message = "; ".join(f"node {r.node!r} ({r.task}) failed: {r.error}" for r in failed)
         print(f"\n{message}", file=sys.stderr, flush=True)
         raise PipelineFailed(message)
+    alerts = _alerts(pipeline, ordered, the_store)
+    if alerts:
+        message = "\n".join(alerts)
+        print(f"\nalerts:\n{message}", file=sys.stderr, flush=True)
+        # A Failed final state rather than a raise: the flow run reads Failed with the alerts as its message
+        # (no crash traceback in the log), and a caller of the flow still gets PipelineAlert raised.
+        return Failed(message=message, data=PipelineAlert(message))
     return [asdict(r) for r in ordered]

@@ -7,6 +7,12 @@ A spec::
     nodes:
       scene:  {task: synthetic_scene, params: {name: tiles, resolution: 256}}
       lowres: {task: downsample, inputs: {views: scene}, params: {factor: 4}}
+    schedule: {cron: "0 3 * * *", timezone: Europe/Paris}   # optional: when `gsr serve` runs it
+    runner: {kind: dask, n_workers: 2}                       # optional: where nodes run (flows/runners.py)
+    matrix: {scene: [tiles, glyphs]}                         # optional: a sweep (flows/matrix.py); nodes then
+                                                             # mention axes as ${scene}
+
+A matrix is expanded before anything else is checked, so every message names the expanded nodes.
 
 Validation reports unknown tasks, unknown or mistyped params, unknown or missing input ports, references to
 nodes that do not exist, wrong port kinds, cycles and duplicate keys — each naming the node and the key.
@@ -15,13 +21,19 @@ nodes that do not exist, wrong port kinds, cycles and duplicate keys — each na
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from prefect.client.schemas.schedules import CronSchedule
+from prefect.schedules import Cron, Interval, Schedule
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from flows.matrix import MatrixError, expand_matrix
+from flows.runners import RunnerSpec, ThreadsRunner
 from tasks import REGISTRY
 from tasks.base import NodeType
 
@@ -51,11 +63,60 @@ class NodeSpec(BaseModel):
     params: dict[str, Any] = Field(default_factory=dict, description="the node type's params")
 
 
+class ScheduleSpec(BaseModel):
+    """When `gsr serve` runs a spec: a cron expression or an interval, read in a time zone."""
+
+    model_config = ConfigDict(extra="forbid")
+    cron: str | None = Field(None, description="cron expression: minute hour day-of-month month day-of-week, "
+                                               "e.g. '0 3 * * *' (03:00 every day)")
+    interval: float | None = Field(None, gt=0, description="seconds between runs")
+    timezone: str = Field("UTC", description="IANA time zone the schedule is read in, e.g. Europe/Paris")
+
+    @field_validator("cron")
+    @classmethod
+    def _valid_cron(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                CronSchedule(cron=value)  # Prefect's own check: what passes here, the server schedules
+            except ValidationError:
+                raise ValueError(f"not a valid cron expression: {value!r}; expected five fields, minute hour "
+                                 f"day-of-month month day-of-week, e.g. '0 3 * * *' (03:00 every day)") from None
+        return value
+
+    @field_validator("timezone")
+    @classmethod
+    def _valid_timezone(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"not an IANA time zone: {value!r}; e.g. UTC, Europe/Paris, America/New_York") from None
+        return value
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> ScheduleSpec:
+        if (self.cron is None) == (self.interval is None):
+            raise ValueError("give exactly one of `cron` (e.g. '0 3 * * *') or `interval` (seconds)")
+        return self
+
+    def to_prefect(self) -> Schedule:
+        """The schedule as Prefect's deployment schedule."""
+        if self.cron is not None:
+            return Cron(self.cron, timezone=self.timezone)
+        return Interval(timedelta(seconds=self.interval), timezone=self.timezone)
+
+    def describe(self) -> str:
+        when = f"cron {self.cron!r}" if self.cron is not None else f"every {self.interval:g} s"
+        return f"{when}, time zone {self.timezone}"
+
+
 class PipelineSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="pipeline name (letters, digits, _ . -)")
     description: str = ""
     nodes: dict[str, NodeSpec] = Field(min_length=1)
+    schedule: ScheduleSpec | None = Field(None, description="when `gsr serve` runs the spec (cron or interval)")
+    runner: RunnerSpec = Field(default_factory=ThreadsRunner, description="where nodes run: threads or dask")
+    matrix: dict[str, Any] = Field(default_factory=dict, description="sweep axes -> values (flows/matrix.py)")
 
 
 @dataclass(frozen=True)
@@ -81,6 +142,7 @@ class Pipeline:
     name: str
     spec: dict[str, Any]
     nodes: list[PlannedNode]
+    runner: RunnerSpec = field(default_factory=ThreadsRunner)
 
     def node(self, name: str) -> PlannedNode:
         for planned in self.nodes:
@@ -111,7 +173,7 @@ def apply_overrides(spec: dict[str, Any], overrides: list[str]) -> dict[str, Any
 
     Every part of the dotted path but the last must already exist, so a typo in a node name is an error.
     """
-    result = yaml.safe_load(yaml.safe_dump(spec))
+    result = yaml.safe_load(yaml.safe_dump(spec, sort_keys=False))  # keeps node and matrix order
     for override in overrides:
         if "=" not in override:
             raise SpecError(f"--set {override!r}: expected KEY=VALUE, e.g. nodes.lr_gs.params.iterations=200")
@@ -154,9 +216,16 @@ def validate(spec: dict[str, Any], source: str = "spec") -> Pipeline:
         pipeline_spec = PipelineSpec.model_validate(spec)
     except ValidationError as error:
         raise SpecError(f"{source}: invalid spec:\n  " + "\n  ".join(_pydantic_problems(error, "spec"))) from None
+    try:
+        expanded = expand_matrix(pipeline_spec.matrix, {name: node_spec.model_dump()
+                                                        for name, node_spec in pipeline_spec.nodes.items()})
+    except MatrixError as error:
+        raise SpecError(f"{source}: invalid pipeline {pipeline_spec.name!r}:\n  "
+                        + "\n  ".join(error.problems)) from None
+    nodes = {name: NodeSpec.model_validate(body) for name, body in expanded.items()}
     problems: list[str] = []
     planned: dict[str, PlannedNode] = {}
-    for name, node_spec in pipeline_spec.nodes.items():
+    for name, node_spec in nodes.items():
         where = f"node {name!r}"
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]*", name):
             problems.append(f"{where}: node names use letters, digits, _ and - only")
@@ -200,7 +269,7 @@ def validate(spec: dict[str, Any], source: str = "spec") -> Pipeline:
             for upstream in value if isinstance(value, list) else [value]:
                 if upstream == node_plan.name:
                     problems.append(f"{where}: inputs.{port_name}: a node cannot take its own output")
-                elif upstream not in pipeline_spec.nodes:
+                elif upstream not in nodes:
                     problems.append(f"{where}: inputs.{port_name}: no node named {upstream!r}")
                 elif upstream in planned and planned[upstream].node_type.output not in port.kinds:
                     problems.append(
@@ -209,7 +278,7 @@ def validate(spec: dict[str, Any], source: str = "spec") -> Pipeline:
     if problems:
         raise SpecError(f"{source}: invalid pipeline {pipeline_spec.name!r}:\n  " + "\n  ".join(problems))
     order = _topological_order(planned, source, pipeline_spec.name)
-    return Pipeline(pipeline_spec.name, spec, [planned[name] for name in order])
+    return Pipeline(pipeline_spec.name, spec, [planned[name] for name in order], pipeline_spec.runner)
 
 
 def _topological_order(planned: dict[str, PlannedNode], source: str, name: str) -> list[str]:

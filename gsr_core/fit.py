@@ -41,7 +41,7 @@ import time
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Callable, Literal, Sequence
+from typing import Any, Callable, Literal, Protocol, Sequence
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -55,6 +55,7 @@ from gsr_core.metrics import psnr, ssim
 from gsr_core.render import rasterize
 from gsr_core.render_views import background_tensor, camera_tensors, render_views
 from gsr_core.strategy import DefaultStrategy, MCMCStrategy
+from gsr_core.strategy.dropout import DropoutStrategy
 
 REFERENCE_ITERATIONS = 30_000  # the run length gsplat's default schedule is written for
 CHECKPOINT_PREFIX = "fit-"
@@ -177,7 +178,8 @@ class FitResult:
         seconds: wall time of the whole fit, resumed segments included.
         train_psnr: mean PSNR (dB) of renders of the train views (clamped to [0, 1]) against them.
         num_gaussians: N at the end.
-        history: one entry per step: ``{"step", "loss", "psnr", "num_gaussians"}`` (step counted from 1).
+        history: one entry per step: ``{"step", "loss", "num_gaussians"}`` and the objective's figures
+            (the default's ``"psnr"``); step counted from 1.
         scene_extent: the extent that scaled the means' learning rate.
         background: the background of the final renders ([3] floats).
         resumed_from: the checkpoint step this call started from, or None.
@@ -192,6 +194,7 @@ class FitResult:
     scene_extent: float
     background: tuple[float, float, float]
     resumed_from: int | None
+    densification: dict[str, int] = field(default_factory=dict)  # Gaussian dropout's candidate/dropped counts
 
     def stats(self) -> dict[str, Any]:
         """JSON-ready summary (everything but the Gaussians and the history)."""
@@ -215,6 +218,9 @@ def fit(
     checkpoint_dir: str | Path | None = None,
     progress: Callable[[dict[str, Any]], None] | None = None,
     init: Gaussians | None = None,
+    objective: "Objective | None" = None,
+    render_scale: int = 1,
+    densify_dropout: float = 0.0,
 ) -> FitResult:
     """Fit Gaussians to the ``train`` views of ``views``.
 
@@ -222,17 +228,24 @@ def fit(
         views: a views folder; only its ``train`` split is used.
         config: the fit's settings.
         checkpoint_dir: folder for checkpoints (created); resumes from the latest one found there.
-        progress: called after every step with ``{"step", "iterations", "loss", "psnr", "num_gaussians",
+        progress: called after every step with ``{"step", "iterations", "loss", "num_gaussians",
             "sh_degree"}``; an exception it raises stops the fit (checkpoints written so far stay).
         init: start from these Gaussians (SH degree adapted to ``config.sh_degree``) instead of
             ``config.init``; ignored when resuming.
+        objective: the loss of each step (``Objective``); default: ``PhotometricObjective`` against the train
+            images. Distillation methods pass their own (GaussianSR's SDS, 3DSR's HR + LR terms).
+        render_scale: render at this multiple of the train cameras' resolution (e.g. 4 when distilling a x4
+            prior from LR views); the default objective needs 1.
+        densify_dropout: GaussianSR's Gaussian dropout for the default strategy (``DropoutStrategy``): each
+            densification candidate is grown with probability 1 - densify_dropout.
 
     Returns:
         ``FitResult``.
 
     Raises:
-        ValueError: no train views, cameras at one place, a checkpoint of another fit in ``checkpoint_dir``,
-            or the loss or parameters became non-finite (the message names the step).
+        ValueError: no train views, cameras at one place, ``densify_dropout`` outside [0, 1) (or with the
+            'mcmc' strategy), a checkpoint of another fit in ``checkpoint_dir``, or the loss or parameters
+            became non-finite (the message names the step).
     """
     if not isinstance(config, FitConfig):
         raise TypeError(f"`config` must be a FitConfig, got {type(config).__name__}")
@@ -248,15 +261,23 @@ def fit(
                          "learning rate) is zero; fit needs views from at least two places")  # fmt: skip
     if config.batch_size > len(records):
         raise ValueError(f"`batch_size` ({config.batch_size}) exceeds the {len(records)} train views")
+    if not 0.0 <= densify_dropout < 1.0:
+        raise ValueError(f"`densify_dropout` must lie in [0, 1), got {densify_dropout}")
+    if render_scale != 1 and objective is None:
+        raise ValueError(f"`render_scale` {render_scale} needs an `objective`: the default one compares renders "
+                         f"with the train images at their own resolution")
     device = resolve_device(config.device)
     folder = Path(checkpoint_dir) if checkpoint_dir is not None else None
-    identity = {"config": _resume_key(config), "views": [record.name for record in records]}
+    identity = {"config": _resume_key(config), "views": [record.name for record in records],
+                "render_scale": render_scale, "densify_dropout": densify_dropout}
     checkpoint = _load_latest(folder, identity, device) if folder is not None else None
     if folder is not None:
         folder.mkdir(parents=True, exist_ok=True)
-    background = _resolve_background(config.background, views)
-    images = torch.stack([_rgba(views.load_image(record)) for record in records]).to(device)  # [V, H, W, 4]
-    viewmats, Ks = camera_tensors(cameras, device)
+    background = resolve_background(config.background, views)
+    images = train_images(views).to(device)
+    viewmats, Ks = camera_tensors([camera.scaled(render_scale) for camera in cameras], device)
+    if objective is None:
+        objective = PhotometricObjective(images, config.ssim_lambda)
 
     fork_devices = []
     if device.type == "cuda":
@@ -268,7 +289,8 @@ def fit(
                          else _initial_gaussians(views, config, cameras, extent))  # fmt: skip
         else:
             gaussians = Gaussians.from_params(checkpoint["params"])
-        loop = _Loop(config, gaussians, extent, images, viewmats, Ks, background, device, folder, identity)
+        loop = _Loop(config, gaussians, extent, images, viewmats, Ks, background, device, folder, identity,
+                     objective, render_scale, densify_dropout)
         if checkpoint is not None:
             loop.restore(checkpoint)
         loop.run(progress)
@@ -283,21 +305,51 @@ def fit(
         scene_extent=extent,
         background=tuple(loop.eval_background.tolist()),
         resumed_from=None if checkpoint is None else checkpoint["step"],
+        densification={key: int(loop.strategy_state[key]) for key in ("candidates", "dropped")
+                       if key in loop.strategy_state},
     )
+
+
+class Objective(Protocol):
+    """The loss of one fit step.
+
+    Called with the renders [B,H,W,3] (composited over ``backgrounds`` [B,3]), the indices [B] of the train
+    views they show (in ``views.split("train")`` order) and the 0-based step; returns the loss (a scalar
+    tensor to minimise) and the figures to report for the step (floats, e.g. ``{"psnr": ...}``). Any random
+    draw must come from the global torch generator, which fit forks, seeds and checkpoints.
+    """
+
+    def __call__(self, rendered: torch.Tensor, ids: torch.Tensor, backgrounds: torch.Tensor,
+                 step: int) -> tuple[torch.Tensor, dict[str, float]]: ...
+
+
+class PhotometricObjective:
+    """3DGS's loss against target images: ``(1 - ssim_lambda) L1 + ssim_lambda (1 - SSIM)``, and the PSNR."""
+
+    def __init__(self, images: torch.Tensor, ssim_lambda: float):
+        self.images, self.ssim_lambda = images, ssim_lambda  # [V,H,W,4] straight alpha
+
+    def __call__(self, rendered, ids, backgrounds, step):
+        target = composite_over(self.images[ids], backgrounds[:, None, None, :])
+        l1 = (rendered - target).abs().mean()
+        loss = (1.0 - self.ssim_lambda) * l1 + self.ssim_lambda * (1.0 - ssim(rendered, target).mean())
+        mse = float((rendered.detach().clamp(0, 1) - target).square().mean())
+        return loss, {"psnr": -10.0 * math.log10(max(mse, 1e-20))}
 
 
 class _Loop:
     """The state of one fit (parameters, optimizers, strategy) and its steps."""
 
-    def __init__(self, config, gaussians, extent, images, viewmats, Ks, background, device, folder, identity):
+    def __init__(self, config, gaussians, extent, images, viewmats, Ks, background, device, folder, identity,
+                 objective, render_scale, densify_dropout):
         self.config, self.schedule, self.extent = config, config.schedule(), extent
         self.images, self.viewmats, self.Ks, self.device = images, viewmats, Ks, device
-        self.folder, self.identity = folder, identity
-        self.height, self.width = images.shape[1:3]
+        self.folder, self.identity, self.objective = folder, identity, objective
+        self.height, self.width = images.shape[1] * render_scale, images.shape[2] * render_scale
         self.params = {name: torch.nn.Parameter(tensor.detach().to(device, torch.float32).clone().contiguous())
                        for name, tensor in gaussians.params().items()}  # fmt: skip
         self.optimizers = _make_optimizers(self.params, config, extent)
-        self.strategy, self.strategy_state = _make_strategy(config, self.schedule, extent)
+        self.strategy, self.strategy_state = _make_strategy(config, self.schedule, extent, densify_dropout)
         self.strategy.check_sanity(self.params, self.optimizers)
         self.regularisers = config.strategy_defaults()
         self.fixed_background = None if background is None else background.to(device)
@@ -333,15 +385,13 @@ class _Loop:
             backgrounds = torch.rand(len(ids), 3, device=self.device)
         else:
             backgrounds = self.fixed_background.expand(len(ids), 3)
-        target = composite_over(self.images[ids], backgrounds[:, None, None, :])
         rendered, _, info = rasterize(
             params["means"], params["quats"], torch.exp(params["scales"]), torch.sigmoid(params["opacities"]),
             torch.cat([params["sh0"], params["shN"]], dim=1), self.viewmats[ids], self.Ks[ids], self.width, self.height,
             sh_degree=self._sh_degree(step), backgrounds=backgrounds, backend=config.backend,
         )  # fmt: skip
         self.strategy.step_pre_backward(params, self.optimizers, self.strategy_state, step, info)
-        l1 = (rendered - target).abs().mean()
-        loss = (1.0 - config.ssim_lambda) * l1 + config.ssim_lambda * (1.0 - ssim(rendered, target).mean())
+        loss, terms = self.objective(rendered, ids, backgrounds, step)
         if self.regularisers["opacity_reg"] > 0:
             loss = loss + self.regularisers["opacity_reg"] * torch.sigmoid(params["opacities"]).mean()
         if self.regularisers["scale_reg"] > 0:
@@ -361,9 +411,7 @@ class _Loop:
         for name, value in params.items():
             if not bool(torch.isfinite(value).all()):
                 raise ValueError(self._diverged(step, f"parameter `{name}` has non-finite values after the update"))
-        mse = float((rendered.detach().clamp(0, 1) - target).square().mean())
-        return {"step": step + 1, "loss": loss_value, "psnr": -10.0 * math.log10(max(mse, 1e-20)),
-                "num_gaussians": len(params["means"])}  # fmt: skip
+        return {"step": step + 1, "loss": loss_value, **terms, "num_gaussians": len(params["means"])}
 
     def _diverged(self, step: int, what: str) -> str:
         kept = (f"the last good checkpoint {self.last_checkpoint} is kept" if self.last_checkpoint is not None
@@ -418,7 +466,7 @@ class _Loop:
         self.last_checkpoint = checkpoint["path"]
 
 
-def _resolve_background(background, views: Views) -> torch.Tensor | None:
+def resolve_background(background, views: Views) -> torch.Tensor | None:
     """[3] colour of a fixed background, or None for random ones."""
     if background == "random":
         return None
@@ -430,6 +478,12 @@ def _resolve_background(background, views: Views) -> torch.Tensor | None:
             raise ValueError(f"views folder {views.root}: metadata `background` must be three numbers in [0, 1] "
                              f"for `background='auto'`, got {colour!r}") from error  # fmt: skip
     return background_tensor(background)
+
+
+def train_images(views: Views) -> torch.Tensor:
+    """[V,H,W,4] straight-alpha images of the ``train`` views, in ``views.split("train")`` order (the ids a fit's
+    objective receives); RGB images get an opaque alpha."""
+    return torch.stack([_rgba(views.load_image(record)) for record in views.split("train")])
 
 
 def _rgba(image: torch.Tensor) -> torch.Tensor:
@@ -512,13 +566,17 @@ def _make_optimizers(params, config: FitConfig, extent: float) -> dict[str, torc
             for name in PARAM_NAMES}  # fmt: skip
 
 
-def _make_strategy(config: FitConfig, schedule: Schedule, extent: float):
+def _make_strategy(config: FitConfig, schedule: Schedule, extent: float, dropout: float = 0.0):
     common = {"refine_start_iter": schedule.refine_start, "refine_stop_iter": schedule.refine_stop,
               "refine_every": schedule.refine_every}  # fmt: skip
     if config.strategy == "mcmc":
+        if dropout:
+            raise ValueError("Gaussian dropout (`densify_dropout`) applies to the default strategy, not 'mcmc'")
         strategy = MCMCStrategy(cap_max=config.cap_max, **common)
         return strategy, strategy.initialize_state()
-    strategy = DefaultStrategy(reset_every=schedule.reset_every, grow_grad2d=config.grow_grad2d, **common)
+    kind = DropoutStrategy if dropout else DefaultStrategy
+    extra = {"dropout": dropout} if dropout else {}
+    strategy = kind(reset_every=schedule.reset_every, grow_grad2d=config.grow_grad2d, **common, **extra)
     return strategy, strategy.initialize_state(scene_scale=extent)
 
 

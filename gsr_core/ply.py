@@ -44,6 +44,49 @@ def write_ply(path: str | Path, columns: dict[str, np.ndarray]) -> None:
         handle.write(table.tobytes())
 
 
+def _read_header(handle, path: Path) -> tuple[int, list[tuple[str, np.dtype]]]:
+    """Parse the header of an open PLY file up to its data: the vertex count and the vertex properties."""
+    if handle.readline().strip() != b"ply":
+        raise ValueError(f"{path} is not a PLY file (no 'ply' magic line)")
+    count, fields, element = None, [], None
+    while True:
+        line = handle.readline()
+        if not line:
+            raise ValueError(f"{path}: PLY header has no 'end_header'")
+        words = line.decode("ascii", errors="replace").split()
+        if not words or words[0] in ("comment", "obj_info"):
+            continue
+        if words[0] == "format" and words[1] != "binary_little_endian":
+            raise ValueError(f"{path}: PLY format {words[1]!r} is not supported; expected binary_little_endian")
+        if words[0] == "element":
+            element = words[1]
+            if element == "vertex":
+                count = int(words[2])
+            elif count is not None:
+                break
+        elif words[0] == "property" and element == "vertex":
+            if words[1] == "list" or words[1] not in _PLY_TYPES:
+                raise ValueError(f"{path}: vertex property {' '.join(words[1:])!r} is not a supported scalar")
+            fields.append((words[2], _PLY_TYPES[words[1]]))
+        elif words[0] == "end_header":
+            break
+    if count is None:
+        raise ValueError(f"{path}: PLY file has no vertex element")
+    return count, fields
+
+
+def read_ply_header(path: str | Path) -> tuple[int, list[str]]:
+    """The vertex count P and the vertex property names of a PLY file, reading only its header.
+
+    Raises:
+        ValueError naming the file when it is not a binary little-endian PLY file with a vertex element.
+    """
+    path = Path(path)
+    with open(path, "rb") as handle:
+        count, fields = _read_header(handle, path)
+    return count, [name for name, _ in fields]
+
+
 def read_ply(path: str | Path) -> dict[str, np.ndarray]:
     """Read the ``vertex`` element of a binary little-endian PLY file into columns [P] keyed by name.
 
@@ -52,32 +95,7 @@ def read_ply(path: str | Path) -> dict[str, np.ndarray]:
     """
     path = Path(path)
     with open(path, "rb") as handle:
-        if handle.readline().strip() != b"ply":
-            raise ValueError(f"{path} is not a PLY file (no 'ply' magic line)")
-        count, fields, element = None, [], None
-        while True:
-            line = handle.readline()
-            if not line:
-                raise ValueError(f"{path}: PLY header has no 'end_header'")
-            words = line.decode("ascii", errors="replace").split()
-            if not words or words[0] in ("comment", "obj_info"):
-                continue
-            if words[0] == "format" and words[1] != "binary_little_endian":
-                raise ValueError(f"{path}: PLY format {words[1]!r} is not supported; expected binary_little_endian")
-            if words[0] == "element":
-                element = words[1]
-                if element == "vertex":
-                    count = int(words[2])
-                elif count is not None:
-                    break
-            elif words[0] == "property" and element == "vertex":
-                if words[1] == "list" or words[1] not in _PLY_TYPES:
-                    raise ValueError(f"{path}: vertex property {' '.join(words[1:])!r} is not a supported scalar")
-                fields.append((words[2], _PLY_TYPES[words[1]]))
-            elif words[0] == "end_header":
-                break
-        if count is None:
-            raise ValueError(f"{path}: PLY file has no vertex element")
+        count, fields = _read_header(handle, path)
         dtype = np.dtype(fields)
         data = handle.read(count * dtype.itemsize)
     if len(data) != count * dtype.itemsize:

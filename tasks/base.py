@@ -9,6 +9,10 @@ params, the content digests of the inputs, and the gsr version (``gsr_core.store
 cache policy returns exactly that key and keeps Prefect's result records in the store, so a rerun in a new
 process finds them; before answering, it checks that the output folder is still present and intact, and
 drops the record when it is not, so a deleted or corrupted output recomputes instead of reading as cached.
+
+A node type registered with ``cache=False`` runs on every run (e.g. ``record_history``, whose job is a side
+effect: appending the run to the history): its key also hashes a fresh run nonce, the store is never searched
+for it, and its Prefect task has no cache policy.
 """
 
 from __future__ import annotations
@@ -16,18 +20,19 @@ from __future__ import annotations
 import sys
 import time
 import typing
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 from prefect import Task
-from prefect.cache_policies import CachePolicy
+from prefect.cache_policies import NO_CACHE, CachePolicy
 from pydantic import BaseModel, ConfigDict
-from tqdm import tqdm
 
 import gsr_core
 from gsr_core.store import Output, Store, cache_key
 from tasks.kinds import load_input
+from tasks.progress import NodeProgress
 
 
 class NodeParams(BaseModel):
@@ -59,9 +64,11 @@ class NodeContext:
         """A folder for checkpoints that survives a crash of this node and is removed when it completes."""
         return self.store.scratch_dir(self.key)
 
-    def progress(self, total: int, unit: str = "it") -> tqdm:
-        """A progress bar for this node's long work (on stderr)."""
-        return tqdm(total=total, desc=self.node, unit=unit, file=sys.stderr, mininterval=1.0, leave=False)
+    def progress(self, total: int, unit: str = "it") -> NodeProgress:
+        """A progress bar for this node's long work (on stderr), mirrored into a Prefect progress artifact when
+        the work lasts long enough (``tasks.progress``)."""
+        return NodeProgress(total=total, desc=self.node, unit=unit, file=sys.stderr, mininterval=1.0, leave=False,
+                            node=self.node)
 
 
 @dataclass(frozen=True)
@@ -75,6 +82,8 @@ class NodeType:
     run: Callable[[Any, dict[str, Any], Path, NodeContext], None]
     extra_key: Callable[[Any], dict[str, Any]] | None = None
     summary: Callable[[Path], str] | None = None
+    cache: bool = True
+    alerts: Callable[[Path], list[str]] | None = None
     task: Task = field(init=False, repr=False, compare=False)
 
 
@@ -83,19 +92,24 @@ REGISTRY: dict[str, NodeType] = {}
 
 def node(name: str, *, inputs: dict[str, Port], output: str, version: int,
          extra_key: Callable[[Any], dict[str, Any]] | None = None,
-         summary: Callable[[Path], str] | None = None):
+         summary: Callable[[Path], str] | None = None, cache: bool = True,
+         alerts: Callable[[Path], list[str]] | None = None):
     """Register ``fn(params, inputs, out, ctx)`` as node type ``name``.
 
     ``fn`` writes its output into the folder ``out``; its docstring's first paragraph describes the node in
     ``gsr nodes``; its ``params`` annotation is the params model. ``extra_key(params)`` adds what the output
     depends on beyond params and inputs (e.g. the digest of a source folder); ``summary(folder)`` returns text
-    that ``gsr run`` prints after the node (e.g. a metrics table).
+    that ``gsr run`` prints after the node (e.g. a metrics table). ``cache=False`` makes the node run on every
+    run, never served from the store (for nodes whose job is a side effect, e.g. appending to the history).
+    ``alerts(folder)`` returns what the node flagged in its own output (e.g. metric regressions), one line
+    each; the pipeline reports them after the run and ends with ``PipelineAlert`` (``gsr run`` exit status 3).
     """
 
     def register(fn: Callable) -> Callable:
         params_model = typing.get_type_hints(fn)["params"]
         description = (fn.__doc__ or "").strip().split("\n\n")[0].replace("\n", " ")
-        node_type = NodeType(name, description, params_model, inputs, output, version, fn, extra_key, summary)
+        node_type = NodeType(name, description, params_model, inputs, output, version, fn, extra_key, summary,
+                             cache, alerts)
         object.__setattr__(node_type, "task", _make_task(node_type))
         if name in REGISTRY:
             raise ValueError(f"node type {name!r} is registered twice")
@@ -122,8 +136,11 @@ def input_digests(node_type: NodeType, inputs: dict[str, Any]) -> dict[str, Any]
     return material
 
 
-def request_key(node_type: NodeType, params: NodeParams, inputs: dict[str, Any]) -> str:
+def request_key(node_type: NodeType, params: NodeParams, inputs: dict[str, Any], nonce: str | None = None) -> str:
+    """The node's cache key; ``nonce`` (for ``cache=False`` node types) makes it unique to one run."""
     extra = node_type.extra_key(params) if node_type.extra_key else {}
+    if nonce is not None:
+        extra = {**extra, "nonce": nonce}
     return cache_key(node_type.name, node_type.version, params.model_dump(mode="json"),
                      input_digests(node_type, inputs), extra)
 
@@ -147,8 +164,8 @@ def execute(request: dict[str, Any]) -> dict[str, Any]:
     store = Store(request["store"])
     params = node_type.params.model_validate(request["params"])
     refs = input_refs(node_type, request["inputs"])
-    key = request_key(node_type, params, refs)
-    if not request.get("force"):
+    key = request_key(node_type, params, refs, nonce=None if node_type.cache else uuid.uuid4().hex)
+    if node_type.cache and not request.get("force"):
         found = store.lookup(key)
         if found is not None:
             return {"ref": output_ref(request["node"], node_type.output, found, store), "computed": False, "seconds": 0.0}
@@ -193,7 +210,7 @@ def _make_task(node_type: NodeType) -> Task:
         run_node,
         name=node_type.name,
         task_run_name="{request[node]}",
-        cache_policy=NodeCachePolicy(),
-        persist_result=True,
+        cache_policy=NodeCachePolicy() if node_type.cache else NO_CACHE,
+        persist_result=node_type.cache,
         result_serializer="json",
     )

@@ -11,11 +11,9 @@ from pydantic import Field
 
 from gsr_core.data.views import ViewsWriter
 from gsr_core.fit import FitConfig, fit
-from gsr_core.gaussians import Gaussians
 from gsr_core.render_views import render_views as render_gaussians
 from tasks.base import NodeContext, NodeParams, Port, node
-from tasks.kinds import GAUSSIANS_FILE
-
+from tasks.kinds import GAUSSIANS_FILE, StoredGaussians
 
 
 def _render_background(choice, metadata: dict) -> tuple[float, float, float]:
@@ -59,15 +57,25 @@ class RenderViewsParams(NodeParams):
     device: str = Field("auto", description="torch device; 'auto' picks CUDA when available")
 
 
+def _source_stats(gaussians: StoredGaussians) -> dict:
+    """What evaluation reports about a rendered candidate's 3DGS: its size and the wall time that made it."""
+    return {"num_gaussians": len(gaussians), "seconds": gaussians.stats.get("seconds")}
+
+
 @node("render_views", inputs={"gaussians": Port(("gaussians",)),
                               "views": Port(("views",), description="whose cameras (names, splits) to render")},
-      output="views", version=1)
+      output="views", version=2)
 def render_views(params: RenderViewsParams, inputs: dict, out: Path, ctx: NodeContext) -> None:
-    """Views rendered from a 3DGS at the cameras of other views, at any resolution scale."""
+    """Views rendered from a 3DGS at the cameras of other views, at any resolution scale.
+
+    The output's metadata says which 3DGS made it: ``source`` = ``{"num_gaussians", "seconds"}`` (the fit's or
+    distillation's wall time from the gaussians folder's fit.json; null when it has none).
+    """
     gaussians, views = inputs["gaussians"], inputs["views"]
     background = _render_background(params.background, views.metadata)
     records = views.split(None if params.split == "all" else params.split)
-    writer = ViewsWriter(out, metadata=dict(views.metadata, rendered={"scale": params.scale}))
+    writer = ViewsWriter(out, metadata=dict(views.metadata, rendered={"scale": params.scale},
+                                            source=_source_stats(gaussians)))
     with ctx.progress(len(records), unit="view") as bar:
         for record in records:
             camera = record.camera.scaled(params.scale)

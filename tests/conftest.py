@@ -1,18 +1,25 @@
-"""Shared fixtures: small views folders, specs, a Prefect test harness, and running `gsr` in a new process."""
+"""Shared fixtures: small views folders, specs, a Prefect test harness, a loopback Prefect server, and running
+`gsr` in a new process."""
 
 from __future__ import annotations
 
 import os
+import signal
+import socket
 import subprocess
 import sys
 import tempfile
+import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Callable, Iterator
 
 # Before anything imports Prefect: an isolated Prefect home, no telemetry, quiet console.
 os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="gsr-test-prefect-"))
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
 
+import httpx  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 import yaml  # noqa: E402
@@ -76,6 +83,47 @@ def prefect_api():
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@contextmanager
+def loopback_prefect_server(home: Path, command: Callable[[int], list[str]] | None = None) -> Iterator[str]:
+    """A real Prefect server on 127.0.0.1 with its own home and database (analytics and UI off) for as long as
+    the block runs; yields its API URL.
+
+    ``command(port)`` is what starts it (default: ``prefect server start``); its output goes to
+    ``home/server.log``. The server is stopped with its whole process group.
+    """
+    port = free_port()
+    argv = command(port) if command else [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
+                                          "--port", str(port)]
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+           "PREFECT_UI_ENABLED": "false"}
+    env.pop("PREFECT_API_URL", None)
+    with open(home / "server.log", "w") as log:
+        server = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}/api"
+    deadline = time.monotonic() + 120
+    try:
+        while True:
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if server.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"prefect server did not come up on port {port} (exit {server.poll()}): "
+                            f"{(home / 'server.log').read_text()[-2000:]}")
+            time.sleep(0.5)
+        yield url
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
 
 
 def run_gsr(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: float = 300

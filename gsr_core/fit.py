@@ -220,7 +220,7 @@ def fit(
     init: Gaussians | None = None,
     objective: "Objective | None" = None,
     render_scale: int = 1,
-    densify_dropout: float = 0.0,
+    densify_dropout: float | None = None,
 ) -> FitResult:
     """Fit Gaussians to the ``train`` views of ``views``.
 
@@ -237,7 +237,8 @@ def fit(
         render_scale: render at this multiple of the train cameras' resolution (e.g. 4 when distilling a x4
             prior from LR views); the default objective needs 1.
         densify_dropout: GaussianSR's Gaussian dropout for the default strategy (``DropoutStrategy``): each
-            densification candidate is grown with probability 1 - densify_dropout.
+            densification candidate is grown with probability 1 - densify_dropout (0: plain densification that
+            still counts its candidates in ``FitResult.densification``); None: the plain strategy.
 
     Returns:
         ``FitResult``.
@@ -261,7 +262,7 @@ def fit(
                          "learning rate) is zero; fit needs views from at least two places")  # fmt: skip
     if config.batch_size > len(records):
         raise ValueError(f"`batch_size` ({config.batch_size}) exceeds the {len(records)} train views")
-    if not 0.0 <= densify_dropout < 1.0:
+    if densify_dropout is not None and not 0.0 <= densify_dropout < 1.0:
         raise ValueError(f"`densify_dropout` must lie in [0, 1), got {densify_dropout}")
     if render_scale != 1 and objective is None:
         raise ValueError(f"`render_scale` {render_scale} needs an `objective`: the default one compares renders "
@@ -566,16 +567,16 @@ def _make_optimizers(params, config: FitConfig, extent: float) -> dict[str, torc
             for name in PARAM_NAMES}  # fmt: skip
 
 
-def _make_strategy(config: FitConfig, schedule: Schedule, extent: float, dropout: float = 0.0):
+def _make_strategy(config: FitConfig, schedule: Schedule, extent: float, dropout: float | None = None):
     common = {"refine_start_iter": schedule.refine_start, "refine_stop_iter": schedule.refine_stop,
               "refine_every": schedule.refine_every}  # fmt: skip
     if config.strategy == "mcmc":
-        if dropout:
+        if dropout is not None:
             raise ValueError("Gaussian dropout (`densify_dropout`) applies to the default strategy, not 'mcmc'")
         strategy = MCMCStrategy(cap_max=config.cap_max, **common)
         return strategy, strategy.initialize_state()
-    kind = DropoutStrategy if dropout else DefaultStrategy
-    extra = {"dropout": dropout} if dropout else {}
+    kind = DefaultStrategy if dropout is None else DropoutStrategy
+    extra = {} if dropout is None else {"dropout": dropout}
     strategy = kind(reset_every=schedule.reset_every, grow_grad2d=config.grow_grad2d, **common, **extra)
     return strategy, strategy.initialize_state(scene_scale=extent)
 

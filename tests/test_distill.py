@@ -28,10 +28,9 @@ from gsr_core.data.views import Views
 from gsr_core.distill import (GaussianSRSettings, SRThenFitSettings, ThreeDSRSettings, gaussiansr, sr_then_fit,
                               three_dsr)
 from gsr_core.distill.baselines import TARGETS_FILE
-from gsr_core.distill.common import lr_model_inputs
 from gsr_core.distill.consistent import timesteps
 from gsr_core.distill.sds import SDSObjective, TimestepSchedule, sds_weight
-from gsr_core.fit import FitConfig, fit, train_images
+from gsr_core.fit import FitConfig, fit
 from gsr_core.gaussians import Gaussians
 from gsr_core.images import to_model_range
 from gsr_core.priors.sr3 import SR3Prior, SR3Settings, save_sr3, sr3_unet
@@ -41,14 +40,15 @@ FAST = {"device": "cpu", "backend": "torch"}
 T = 50  # timesteps of the tiny priors' schedule
 
 
-def tiny_prior(scale: int = 4, residual: bool = True, num_train_timesteps: int = T, seed: int = 0) -> SR3Prior:
-    """A randomly initialised two-level SR3 prior (real network and schedule, untrained weights)."""
+def tiny_prior(residual: bool = True, num_train_timesteps: int = T, seed: int = 0) -> SR3Prior:
+    """A randomly initialised two-level x4 SR3 prior (real network and schedule, untrained weights)."""
     torch.manual_seed(seed)
-    settings = SR3Settings(scale=scale, residual=residual, num_train_timesteps=num_train_timesteps, default_steps=2)
+    settings = SR3Settings(scale=4, residual=residual, num_train_timesteps=num_train_timesteps, default_steps=2)
     return SR3Prior(sr3_unet((32, 32)), settings)
 
 
 def same_gaussians(a: Gaussians, b: Gaussians) -> bool:
+    """Every parameter bit-identical."""
     return all(torch.equal(a.params()[name], b.params()[name]) for name in a.params())
 
 
@@ -165,38 +165,28 @@ def test_sds_weightings():
 
 
 def test_dropout_zero_is_bit_identical_to_the_default_strategy(lr_views, lr_gaussians, prior, monkeypatch):
-    """The same GaussianSR fit with the default strategy and with DropoutStrategy at p = 0 in its place: the
+    """The same GaussianSR run with the default strategy and with DropoutStrategy at p = 0 in its place: the
     dropout strategy must draw nothing, or the SDS noise and split positions that follow would change."""
     settings = GaussianSRSettings(iterations=10, dropout=0.0, **FAST)
     plain = gaussiansr(lr_gaussians, lr_views, prior, settings)
     monkeypatch.setattr(fit_module, "DefaultStrategy", functools.partial(DropoutStrategy, dropout=0.0))
-    with_dropout_strategy = fit(lr_views, settings.fit_config(), init=lr_gaussians, render_scale=4,
-                                objective=_sds_objective(prior, lr_views, settings))
-    assert with_dropout_strategy.densification["candidates"] > 0  # densification did run
-    assert with_dropout_strategy.densification["dropped"] == 0
+    with_dropout_strategy = gaussiansr(lr_gaussians, lr_views, prior, settings)
+    counts = with_dropout_strategy.stats["densification"]
+    assert counts["candidates"] > 0 and counts["dropped"] == 0  # densification did run, and dropped nothing
     assert len(with_dropout_strategy.gaussians) > len(lr_gaussians)
     assert same_gaussians(plain.gaussians, with_dropout_strategy.gaussians)
     assert plain.history == with_dropout_strategy.history
 
 
-def _sds_objective(prior: SR3Prior, views: Views, settings: GaussianSRSettings) -> SDSObjective:
-    """GaussianSR's objective as ``gaussiansr`` builds it (so a fit can run it with another strategy)."""
-    lr = train_images(views)
-    conditions = [prior.condition(image[None]) for image in lr_model_inputs(prior, lr, views)]
-    top = prior.num_train_timesteps - 1
-    schedule = TimestepSchedule(round(settings.t_min * top), round(settings.t_max * top), settings.iterations,
-                                settings.annealing)
-    return SDSObjective(prior, lr, conditions, settings, schedule)
-
-
 def test_dropout_drops_about_p_of_the_candidates_and_grows_fewer_gaussians(lr_views, lr_gaussians, prior):
-    results = {p: gaussiansr(lr_gaussians, lr_views, prior, GaussianSRSettings(iterations=12, dropout=p, seed=3, **FAST))
-               for p in (0.0, 0.5)}
+    results = {p: gaussiansr(lr_gaussians, lr_views, prior,
+                             GaussianSRSettings(iterations=12, dropout=p, seed=3, **FAST)) for p in (0.0, 0.5)}
     counts = results[0.5].stats["densification"]
     n, dropped = counts["candidates"], counts["dropped"]
     assert n > 200
     assert abs(dropped - n / 2) <= 4 * math.sqrt(n / 4)  # Binomial(n, 1/2) within four standard deviations
-    assert results[0.0].stats["densification"] == {}  # the plain strategy has nothing to report
+    plain = results[0.0].stats["densification"]  # p = 0 counts its candidates too, and drops none
+    assert plain["candidates"] > 200 and plain["dropped"] == 0
     assert len(results[0.5].gaussians) < len(results[0.0].gaussians)
     assert results[0.5].summary()["num_gaussians"] == len(results[0.5].gaussians)
 
@@ -237,6 +227,7 @@ def test_interrupted_3dsr_resumes_to_the_uninterrupted_result(lr_views, lr_gauss
     with pytest.raises(Stop):
         three_dsr(lr_gaussians, lr_views, prior, settings, checkpoint_dir=tmp_path, progress=stop_in_stage_1)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fit-00", "fit-01", "stage-00.pt"]
+    assert [p.name for p in (tmp_path / "fit-01").iterdir()] == ["fit-00000002.pt"]  # stage 1 resumes mid-fit
     seen: list[dict] = []
     resumed = three_dsr(lr_gaussians, lr_views, prior, settings, checkpoint_dir=tmp_path, progress=seen.append)
     assert [(s["stage"], s["step"]) for s in seen] == [(1, 7), (1, 8)] + [(2, k) for k in range(9, 13)]

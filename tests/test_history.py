@@ -4,6 +4,7 @@ how the record_history node turns evaluate outputs into history rows; `gsr histo
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from datetime import datetime, timedelta, timezone
@@ -190,8 +191,8 @@ def test_record_history_labels_rows_by_scene_and_method(tmp_path: Path):
     reports = {
         "tiles": _metrics_folder(tmp_path / "a", {"tiles_bicubic": {"psnr": 20.0, "ssim": 0.6},
                                                   "tiles_lr_3dgs": {"psnr": 17.0, "ssim": 0.5}}),
-        "eval_b": _metrics_folder(tmp_path / "b", {"b_up": {"psnr": 19.0, "ssim": 0.7}}),
-    }
+        "eval_b": _metrics_folder(tmp_path / "b", {"b_up": {"psnr": 19.0, "ssim": 0.7, "consistency": math.nan}}),
+    }  # an undefined mean (NaN) is left out
     params = RecordHistoryParams(scenes={"eval_b": "glyphs"}, methods={"b_up": "bicubic"})
     assert [(r["scene"], r["method"], r["metric"], r["value"]) for r in metric_rows(params, reports)] == [
         ("tiles", "bicubic", "psnr", 20.0), ("tiles", "bicubic", "ssim", 0.6),

@@ -11,6 +11,7 @@ node's ``alerts`` (``gsr run`` exits with status 3; a deployment's flow run ends
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import asdict
 from pathlib import Path
@@ -56,6 +57,8 @@ def _method_label(candidate: str, scene: str, methods: dict[str, str]) -> str:
 def metric_rows(params: RecordHistoryParams, reports: dict[str, Path]) -> list[dict]:
     """History rows (scene, method, metric, value) from the mean metrics in each evaluate output's metrics.json.
 
+    A mean that is undefined (NaN, e.g. a consistency error with no co-visible pixels) is not recorded.
+
     Args:
         reports: evaluate node name -> its output folder, in spec order.
     """
@@ -71,7 +74,7 @@ def metric_rows(params: RecordHistoryParams, reports: dict[str, Path]) -> list[d
         for candidate, values in report["candidates"].items():
             method = _method_label(candidate, scene, params.methods)
             rows += [{"scene": scene, "method": method, "metric": metric, "value": values["mean"][metric]}
-                     for metric in report["metrics"]]
+                     for metric in report["metrics"] if not math.isnan(values["mean"][metric])]
     return rows
 
 

@@ -65,4 +65,10 @@ def materialize_prior(kind: str, source: str, out: Path, **options) -> None:
     target, fixed = CONVERTERS[kind]
     module_name, function_name = target.split(":")
     convert = getattr(importlib.import_module(module_name), function_name)
-    convert(source, out, **fixed, **{k: v for k, v in options.items() if v is not None})
+    paths = {k: _expanded(v) for k, v in options.items() if v is not None}
+    convert(str(folder) if folder is not None else source, out, **fixed, **paths)
+
+
+def _expanded(value):
+    """``~/x`` -> the home folder's ``x`` for path-valued options; anything else unchanged."""
+    return str(Path(value).expanduser()) if isinstance(value, str) and value.startswith("~") else value

@@ -143,7 +143,8 @@ def run_pipeline(spec: dict[str, Any], store: str, force: list[str] | None = Non
         for planned in pipeline.nodes:
             task = planned.node_type.task.with_options(result_storage=records, refresh_cache=planned.name in forced)
             request = {"node": planned.name, "type": planned.node_type.name, "params": planned.params,
-                       "inputs": _task_inputs(planned, futures), "store": str(the_store.root),
+                       "inputs": _task_inputs(planned, futures), "upstream": planned.inputs,
+                       "store": str(the_store.root),
                        "force": planned.name in forced}
             futures[planned.name] = submit(planned, task, request)
             planned_by_future[futures[planned.name].task_run_id] = planned

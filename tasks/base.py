@@ -119,10 +119,20 @@ def node(name: str, *, inputs: dict[str, Port], output: str, version: int,
     return register
 
 
-def input_refs(node_type: NodeType, upstream: dict[str, Any]) -> dict[str, Any]:
-    """Output references per port from the upstream task results (``{"ref": ..., ...}``) of a request."""
-    return {port: [result["ref"] for result in value] if node_type.inputs[port].many else value["ref"]
+def input_refs(node_type: NodeType, upstream: dict[str, Any], names: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Output references per port from the upstream task results (``{"ref": ..., ...}``) of a request.
+
+    ``names`` (port -> upstream node name, or names for list ports) relabels each reference with the node that
+    feeds it in this spec: a result served from Prefect's cache carries the name of whichever spec computed it
+    first (two specs sharing an output would otherwise label an evaluate candidate by the other spec's name).
+    """
+    refs = {port: [result["ref"] for result in value] if node_type.inputs[port].many else value["ref"]
             for port, value in upstream.items()}
+    for port, label in (names or {}).items():
+        if port in refs:
+            refs[port] = ([dict(ref, node=name) for ref, name in zip(refs[port], label)] if isinstance(label, list)
+                          else dict(refs[port], node=label))
+    return refs
 
 
 def input_digests(node_type: NodeType, inputs: dict[str, Any]) -> dict[str, Any]:
@@ -163,7 +173,7 @@ def execute(request: dict[str, Any]) -> dict[str, Any]:
     node_type = REGISTRY[request["type"]]
     store = Store(request["store"])
     params = node_type.params.model_validate(request["params"])
-    refs = input_refs(node_type, request["inputs"])
+    refs = input_refs(node_type, request["inputs"], request.get("upstream"))
     key = request_key(node_type, params, refs, nonce=None if node_type.cache else uuid.uuid4().hex)
     if node_type.cache and not request.get("force"):
         found = store.lookup(key)
@@ -194,7 +204,7 @@ class NodeCachePolicy(CachePolicy):
         request = inputs["request"]
         node_type = REGISTRY[request["type"]]
         params = node_type.params.model_validate(request["params"])
-        key = request_key(node_type, params, input_refs(node_type, request["inputs"]))
+        key = request_key(node_type, params, input_refs(node_type, request["inputs"], request.get("upstream")))
         store = Store(request["store"])
         if store.lookup(key) is None:
             store.forget_record(key)

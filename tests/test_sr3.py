@@ -174,8 +174,13 @@ def test_interrupted_training_resumes_bit_identically(tmp_path: Path):
     assert all(torch.equal(straight[key], resumed[key]) for key in straight)
     curves = [(tmp_path / run / "validation.csv").read_text() for run in ("straight", "resumed")]
     assert curves[0] == curves[1]
-    with pytest.raises(ValueError, match="written for another configuration"):
+    with pytest.raises(ValueError, match=r"written for another training configuration \(differs in seed\)"):
         train_sr3(SR3TrainConfig(**{**TINY, "seed": 1}), tmp_path / "other", tmp_path / "scratch")
+    # `steps` may change on resume: training on from the last checkpoint continues the same trajectory.
+    longer = []
+    summary = train_sr3(SR3TrainConfig(**{**TINY, "steps": 5}), tmp_path / "longer", tmp_path / "scratch",
+                        progress=lambda r: longer.append(r["step"]))
+    assert longer == [5] and summary["steps"] == 5
 
 
 def test_training_on_a_folder_of_images(tmp_path: Path):

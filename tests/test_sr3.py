@@ -125,7 +125,7 @@ def test_prior_folder_round_trip_gives_identical_outputs(tmp_path: Path):
     other = tmp_path / "other"
     other.mkdir()
     (other / "prior.json").write_text(json.dumps({"kind": "stablesr"}))
-    with pytest.raises(ValueError, match="not an SR3 prior folder: prior.json should say kind 'sr3', found stablesr"):
+    with pytest.raises(ValueError, match="prior.json: expected prior kind 'sr3', found 'stablesr'"):
         SR3Prior.from_folder(other)
 
 

@@ -475,7 +475,7 @@ def test_wrong_prior_kind_and_context_and_scale_errors(tiny, tmp_path):
     folder = tmp_path / "copy"
     folder.mkdir()
     (folder / "prior.json").write_text(json.dumps({"kind": "sr3"}))
-    with pytest.raises(ValueError, match="expected a prior of kind 'stablesr' or 'stablesr_turbo', found 'sr3'"):
+    with pytest.raises(ValueError, match="expected prior kind 'stablesr' or 'stablesr_turbo', found 'sr3'"):
         StableSRPrior.from_folder(folder)
     kind, settings = read_folder_settings(tiny["folder"] / "prior")
     assert kind == "stablesr" and isinstance(settings, StableSRSettings)

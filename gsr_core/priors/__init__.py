@@ -7,13 +7,12 @@ class. Kinds: ``sr3`` (``sr3.py``).
 from __future__ import annotations
 
 import importlib
-import json
 from pathlib import Path
 
 import torch
 
 from gsr_core.arguments import resolve_device
-from gsr_core.priors.base import PRIOR_FILE, SRPrior
+from gsr_core.priors.base import SRPrior, read_prior_file
 
 # kind -> "module:class"; each class has from_folder(folder, device, dtype)
 PRIOR_CLASSES = {
@@ -27,12 +26,7 @@ PRIOR_CLASSES = {
 
 def prior_kind(folder: str | Path) -> str:
     """The ``kind`` recorded in a prior folder's ``prior.json`` (ValueError naming the folder otherwise)."""
-    path = Path(folder) / PRIOR_FILE
-    if not path.is_file():
-        raise ValueError(f"{folder} is not a prior folder: {PRIOR_FILE} is missing")
-    kind = json.loads(path.read_text()).get("kind")
-    if kind not in PRIOR_CLASSES:
-        raise ValueError(f"{path}: unknown prior kind {kind!r}; expected one of {sorted(PRIOR_CLASSES)}")
+    kind, _ = read_prior_file(folder, tuple(PRIOR_CLASSES), "the load_prior or train_sr3 node")
     return kind
 
 

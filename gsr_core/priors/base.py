@@ -18,7 +18,9 @@ inputs require them (SDS through a latent prior's encoder).
 from __future__ import annotations
 
 import contextlib
+import json
 from abc import ABC, abstractmethod
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -166,3 +168,18 @@ def quiet_diffusers():
         yield
     finally:
         diffusers_logging.set_verbosity(previous)
+
+
+def read_prior_file(folder: str | Path, kinds: tuple[str, ...], maker: str) -> tuple[str, dict[str, Any]]:
+    """(kind, settings) from ``folder/prior.json``; ValueError naming the file unless its kind is one of ``kinds``.
+
+    ``maker`` says how to make such a folder (shown when ``prior.json`` is missing).
+    """
+    path = Path(folder) / PRIOR_FILE
+    if not path.is_file():
+        raise ValueError(f"{folder} is not a prior folder ({PRIOR_FILE} is missing); make one with {maker}")
+    saved = json.loads(path.read_text())
+    kind = saved.pop("kind", None)
+    if kind not in kinds:
+        raise ValueError(f"{path}: expected prior kind {' or '.join(map(repr, kinds))}, found {kind!r}")
+    return kind, saved

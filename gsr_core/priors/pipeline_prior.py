@@ -22,7 +22,7 @@ from typing import Any, Callable
 import torch
 from diffusers import DDIMScheduler, ModelMixin
 
-from gsr_core.priors.base import PRIOR_FILE, SRPrior, quiet_diffusers
+from gsr_core.priors.base import PRIOR_FILE, SRPrior, quiet_diffusers, read_prior_file
 from gsr_core.priors.hub import MODEL_INDEX
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
@@ -48,18 +48,12 @@ def quiet_loading():
 
 def read_settings(folder: Path, kind: str, settings_class: type) -> Any:
     """The settings dataclass stored in ``folder/prior.json`` after checking its ``kind`` and keys."""
-    path = Path(folder) / PRIOR_FILE
-    if not path.is_file():
-        raise ValueError(f"{folder} is not a prior folder ({PRIOR_FILE} is missing); make one with "
-                         f"gsr_core.priors.{kind}.materialize(source, folder)")
-    saved = json.loads(path.read_text())
-    if saved.get("kind") != kind:
-        raise ValueError(f"{path}: expected prior kind {kind!r}, found {saved.get('kind')!r}")
+    _, saved = read_prior_file(folder, (kind,), f"gsr_core.priors.{kind}.materialize(source, folder)")
     known = {f.name for f in fields(settings_class)}
-    unknown = sorted(set(saved) - known - {"kind"})
+    unknown = sorted(set(saved) - known)
     if unknown:
-        raise ValueError(f"{path}: unknown keys {unknown}; known keys are {sorted(known)}")
-    return settings_class(**{k: v for k, v in saved.items() if k != "kind"})
+        raise ValueError(f"{Path(folder) / PRIOR_FILE}: unknown keys {unknown}; known keys are {sorted(known)}")
+    return settings_class(**saved)
 
 
 def write_prior_folder(out: Path, kind: str, settings: Any, index: dict, components: dict[str, Any]) -> None:

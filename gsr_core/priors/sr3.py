@@ -45,7 +45,7 @@ from diffusers.models.embeddings import TimestepEmbedding
 from diffusers.models.resnet import ResnetBlock2D
 from torch import nn
 
-from gsr_core.priors.base import PRIOR_FILE, SRPrior, freeze, quiet_diffusers
+from gsr_core.priors.base import PRIOR_FILE, SRPrior, freeze, quiet_diffusers, read_prior_file
 
 
 
@@ -138,12 +138,8 @@ class SR3Prior(SRPrior):
     def from_folder(cls, folder: str | Path, device: torch.device | str = "cpu",
                     dtype: torch.dtype = torch.float32) -> "SR3Prior":
         folder = Path(folder)
-        settings_file = folder / PRIOR_FILE
-        saved = json.loads(settings_file.read_text()) if settings_file.is_file() else {}
-        if saved.get("kind") != "sr3":
-            raise ValueError(f"{folder} is not an SR3 prior folder: {PRIOR_FILE} should say kind 'sr3', "
-                             f"found {saved.get('kind') if saved else 'no ' + PRIOR_FILE}")
-        settings = SR3Settings(**{k: v for k, v in saved.items() if k != "kind"})
+        _, saved = read_prior_file(folder, ("sr3",), "the train_sr3 node or gsr_core.priors.sr3_convert.materialize")
+        settings = SR3Settings(**saved)
         with quiet_diffusers():
             unet = SR3UNet.from_pretrained(folder / "unet", use_safetensors=True)
         return cls(unet, settings, device, dtype)

@@ -39,7 +39,7 @@ from diffusers import DDPMScheduler
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from safetensors.torch import load_file, save_file
 
-from gsr_core.priors.base import PRIOR_FILE, SRPrior, freeze, quiet_diffusers
+from gsr_core.priors.base import PRIOR_FILE, SRPrior, freeze, quiet_diffusers, read_prior_file
 from gsr_core.priors.colour_fix import ColourFix, colour_fix
 from gsr_core.priors.pipeline_prior import check_precision, noise
 from gsr_core.priors.prediction import eps_from_output
@@ -328,18 +328,11 @@ class StableSRPrior(SRPrior):
 
 def read_folder_settings(folder: Path) -> tuple[str, StableSRSettings]:
     """(kind, settings) from ``folder/prior.json``; ValueError naming the file unless it is a StableSR prior."""
-    path = Path(folder) / PRIOR_FILE
-    if not path.is_file():
-        raise ValueError(f"{folder} is not a prior folder ({PRIOR_FILE} is missing); make one with "
-                         f"gsr_core.priors.stablesr_convert.materialize(checkpoint, folder, vae=...)")
-    saved = json.loads(path.read_text())
-    kind = saved.pop("kind", None)
-    if kind not in KINDS:
-        raise ValueError(f"{path}: expected a prior of kind {' or '.join(map(repr, KINDS))}, found {kind!r}")
+    kind, saved = read_prior_file(folder, KINDS, "gsr_core.priors.stablesr_convert.materialize(checkpoint, folder, vae=...)")
     try:
         return kind, StableSRSettings(**saved)
     except ValueError as error:
-        raise ValueError(f"{path}: invalid StableSR settings: {error}") from error
+        raise ValueError(f"{Path(folder) / PRIOR_FILE}: invalid StableSR settings: {error}") from error
 
 
 def write_folder(folder: str | Path, model: StableSRModel, settings: StableSRSettings, kind: str) -> None:

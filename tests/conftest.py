@@ -141,3 +141,13 @@ def node_statuses(stdout: str) -> dict[str, str]:
         if len(words) >= 3 and line.startswith("  ") and words[2] in ("cached", "ran", "failed", "skipped"):
             statuses[words[0]] = words[2]
     return statuses
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """torch on one thread for a test module: tiny networks gain nothing from threads, and on a shared 2-core
+    CPU two threads wait on each other."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

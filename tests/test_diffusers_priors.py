@@ -79,13 +79,7 @@ def tiny_ldm_pipeline(folder: Path) -> Path:
     return folder
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Toy models gain nothing from threads, and on a shared CPU two threads wait on each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny networks: threads only contend
 
 
 @pytest.fixture(scope="module")

@@ -69,13 +69,7 @@ CFW_KEYS = {
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny networks are fastest single-threaded on a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny networks: threads only contend
 
 
 # --- writing checkpoints in the original layout ---------------------------------------------------------------------
